@@ -1,0 +1,55 @@
+import numpy as np
+
+from fgbg import miniworld as mw
+from fgbg.data import load_dataset, read_image, read_mask
+
+
+def test_render_is_deterministic_and_masks_are_exact():
+    rng = np.random.default_rng(0)
+    scene = mw.random_scene(rng, ["bird", "fish"])
+    a, ma = mw.render(scene)
+    b, mb = mw.render(scene)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert not (ma[0] & ma[1]).any()  # visible masks of two objects never overlap
+    # an object alone on its background: the mask is where the image differs from the bare background
+    solo = mw.Scene(scene.background, [scene.objects[0]], scene.seed)
+    img, (m,) = mw.render(solo)
+    bare, _ = mw.render(mw.Scene(scene.background, [], scene.seed))
+    changed = np.abs(img.astype(int) - bare.astype(int)).sum(-1) > 30
+    assert (changed & ~m).sum() <= 0.15 * m.sum()  # only anti-aliased edge pixels differ outside
+    assert (m & changed).sum() >= 0.8 * m.sum()
+
+
+def test_captions():
+    o = mw.Obj("bird", "orange", 30, 30, 20, 0, False, 0)
+    f = mw.Obj("fish", "red", 10, 10, 20, 0, False, 0)
+    s = mw.Scene("grass", [o, f])
+    assert s.caption() == "a photo of an orange bird and a red fish on grass"
+    assert s.caption(colour=False, background=False) == "a photo of a bird and a fish"
+    assert mw.Scene("sky", []).caption() == "a photo of the sky"
+
+
+def test_course_dataset_layout(tmp_path):
+    base = mw.write_course_dataset(tmp_path / "d", n_train=3, n_val=2, n_test=2, n_distractor=2, seed=1)
+    lines = (base / "images.txt").read_text().split("\n")[:-1]
+    assert len(lines) == 9 and {ln.split()[1] for ln in lines} == {"0", "1", "2"}
+    ds = load_dataset(base, splits=["test"])
+    assert len(ds) == 4 and sum(it.distractor_path is not None for it in ds) == 2
+    for it in ds:
+        gt = read_mask(it.gt_path, (64, 64))
+        assert gt.sum() >= 20  # every course image holds a visible bird
+        if it.distractor_path:
+            assert not (gt & read_mask(it.distractor_path, (64, 64))).any()
+    again = mw.write_course_dataset(tmp_path / "e", n_train=3, n_val=2, n_test=2, n_distractor=2, seed=1)
+    np.testing.assert_array_equal(read_image(base / lines[0].split()[0]), read_image(again / lines[0].split()[0]))
+
+
+def test_corpus_is_sliceable_and_disjoint_from_course():
+    imgs, scenes = mw.make_corpus(6, seed=0)
+    tail, tail_scenes = mw.make_corpus(3, seed=0, start=3)
+    np.testing.assert_array_equal(imgs[3:], tail)
+    assert [s.to_json() for s in scenes[3:]] == [s.to_json() for s in tail_scenes]
+    course_rng = np.random.default_rng([0, 1])
+    course_scene = mw.random_scene(course_rng, ["bird"])
+    assert all(s.seed != course_scene.seed for s in scenes)
