@@ -1,0 +1,140 @@
+"""Loading the generator: SD v1.x by hub id or local folder, or the built-in teaching model.
+
+One call, :func:`load_pipeline`, takes
+
+* ``"teaching"``: the small SD-architecture model shipped with fgbg (trained on the mini
+  world by ``python -m fgbg.teaching_model train``);
+* a local diffusers folder (``save_pretrained`` layout), e.g. a downloaded SD v1.4;
+* a hub id such as ``"CompVis/stable-diffusion-v1-4"`` (needs internet once).
+
+and picks the device (CUDA, then Apple MPS, then CPU) and dtype (bf16 on GPUs that
+support it, else fp16; fp32 on CPU).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .teaching_model import ASSET_DIR, SCALED_LINEAR, TeachingConfig, build_text_encoder, build_unet, build_vae
+
+TEACHING = ("teaching", "builtin", "teaching-model")
+CLIP_TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype and dtype != "auto":
+        try:
+            return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                    "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise ValueError(f"parameter `dtype`: unknown {dtype!r}; use auto, fp32, fp16 or bf16") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str | torch.dtype | None = None):
+    """A StableDiffusionPipeline on the chosen device, in eval mode, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if model in TEACHING:
+        path = ASSET_DIR
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(f"the built-in teaching model is missing at {path}; "
+                                 "train it with `python -m fgbg.teaching_model train`")
+        source = str(path)
+    elif Path(model).expanduser().exists():
+        path = Path(model).expanduser()
+        missing = [p for p in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer")
+                   if not (path / p).exists()]
+        if missing:
+            raise ModelLoadError(f"{path} is not a complete diffusers pipeline folder: missing {', '.join(missing)}")
+        source = str(path)
+    else:
+        source = model
+    kw = dict(torch_dtype=dt, safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **kw)
+    except (OSError, ValueError, ConnectionError) as e:
+        if source == model and "/" in model and not Path(model).exists():
+            raise ModelLoadError(
+                f"could not load {model!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+                "Offline? Use the built-in model with model='teaching', or download the pipeline where you "
+                "have internet (`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir sd14`) and "
+                "pass the folder: model='sd14'.") from e
+        raise ModelLoadError(f"could not load the pipeline from {source}: {e}") from e
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def clip_tokenizer():
+    """The real CLIP tokenizer (OpenAI's BPE vocabulary), shipped with fgbg."""
+    from .teaching_model import load_tokenizer
+    return load_tokenizer(CLIP_TOKENIZER_DIR)
+
+
+def random_pipeline(kind: str = "tiny", seed: int = 0, device: str | None = "cpu"):
+    """An SD-architecture pipeline with random weights, built locally (tests, benchmarks).
+
+    ``tiny``: the teaching model's architecture, smaller still. ``sd14``: the shapes of
+    SD v1.4 (UNet 320/640/1280/1280, 16 cross-attention layers, 768-d text, VAE f=8) at
+    512x512, about 1 B parameters.
+    """
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        cfg = TeachingConfig(text_hidden=32, unet_channels=(32, 32, 64), vae_channels=(16, 16, 32),
+                             attention_head_dim=16)
+        unet, vae, te = build_unet(cfg), build_vae(cfg), build_text_encoder(cfg)
+        sched = DDIMScheduler(**SCALED_LINEAR)
+    elif kind == "sd14":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512, scaling_factor=0.18215)
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                          hidden_act="quick_gelu", projection_dim=768))
+        sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    else:
+        raise ValueError(f"kind must be 'tiny' or 'sd14', got {kind!r}")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(pick_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def canvas_size(pipe) -> int:
+    """The image size the pipeline's UNet was trained at (512 for SD v1.x, 64 for the teaching model)."""
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
