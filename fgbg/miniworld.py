@@ -315,8 +315,8 @@ def _course_scene(rng, h, w, distractor: bool) -> Scene:
     return random_scene(rng, classes, h, w)
 
 
-def write_course_dataset(base_dir: str | Path, n_train: int = 96, n_val: int = 16, n_test: int = 48,
-                         n_distractor: int = 32, size: int = 64, seed: int = 0) -> Path:
+def write_course_dataset(base_dir: str | Path, n_train: int = 64, n_val: int = 8, n_test: int = 40,
+                         n_distractor: int = 24, size: int = 64, seed: int = 0) -> Path:
     """Write the course dataset in the reference layout (see module docstring).
 
     Returns ``base_dir``. Existing files are overwritten, so the same arguments always
@@ -410,10 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("course", help="write the course dataset (reference layout)")
     c.add_argument("base_dir")
-    c.add_argument("--n-train", type=int, default=96)
-    c.add_argument("--n-val", type=int, default=16)
-    c.add_argument("--n-test", type=int, default=48)
-    c.add_argument("--n-distractor", type=int, default=32)
+    c.add_argument("--n-train", type=int, default=64)
+    c.add_argument("--n-val", type=int, default=8)
+    c.add_argument("--n-test", type=int, default=40)
+    c.add_argument("--n-distractor", type=int, default=24)
     c.add_argument("--size", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     k = sub.add_parser("corpus", help="write the teaching model's captioned corpus")

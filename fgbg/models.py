@@ -109,7 +109,7 @@ def random_pipeline(kind: str = "tiny", seed: int = 0, device: str | None = "cpu
     torch.manual_seed(seed)
     if kind == "tiny":
         cfg = TeachingConfig(text_hidden=32, unet_channels=(32, 32, 64), vae_channels=(16, 16, 32),
-                             attention_head_dim=16)
+                             attention_heads=(2, 2, 4))
         unet, vae, te = build_unet(cfg), build_vae(cfg), build_text_encoder(cfg)
         sched = DDIMScheduler(**SCALED_LINEAR)
     elif kind == "sd14":

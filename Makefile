@@ -1,0 +1,53 @@
+# fgbg: two commands for everything (see README.md).
+#   make demo   set up, then run the course's notebooks on the mini world (runs/demo/)
+#   make test   set up, then the unit tests and nbval on the notebooks
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch lies on this machine's disk; on a GPU machine run e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH  ?= torch==2.13.0
+PARAMS ?= params/demo.yaml
+STAMP  := $(VENV)/.fgbg-installed
+
+.PHONY: setup demo test test-fast notebooks teaching-model bench clean help
+
+help:
+	@sed -n '2,4p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m fgbg.course run -f $(PARAMS)
+
+# nbval runs the notebooks with their parameters cells' defaults, writing to runs/nbval
+# (FGBG_OUT_DIR) so that it never reuses or touches runs/demo.
+test: setup
+	$(BIN)/python -m pytest -q tests
+	rm -rf runs/nbval
+	FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax \
+		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Rebuild notebooks/*.ipynb from tools/notebook_cells/ and refresh their checked outputs.
+notebooks: setup
+	$(BIN)/python tools/build_notebooks.py --execute
+
+# Retrain the teaching model from scratch (see docs/teaching_model.md for times).
+teaching-model: setup
+	$(BIN)/python -m fgbg.teaching_model train --work data/teaching-train --save-to fgbg/assets/teaching-model
+
+bench: setup
+	$(BIN)/python benchmarks/bench_step1.py
+
+clean:
+	rm -rf runs/nbval runs/build .pytest_cache

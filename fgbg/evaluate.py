@@ -1,0 +1,128 @@
+"""Evaluating steps 1-2 against ground truth, beside trivial baselines and controls.
+
+Everything is measured in the original image's pixel grid:
+
+* ``step1_auc``: mean over images of the per-image AUC-ROC of the raw attention map
+  (mapped back bilinearly) against the ground-truth mask;
+* ``prelim``: acc / IoU / mIoU / Dice of M_pre, pooled over all pixels of all images;
+* ``baselines``: a centre prior and a border-colour saliency map, scored the same way
+  (AUC of the map, IoU of the mask the same GMM-midpoint + majority rule makes of it),
+  so a learner sees what attention adds over "objects are in the middle" and "objects
+  differ from the border";
+* ``controls``: the same step 1 with an untrained network of the same architecture,
+  and the map of the non-object token "photo";
+* ``distractor``: the same on images where a non-bird object shares the picture, plus
+  ``bird_vs_distractor_auc``: how well the map ranks bird pixels above distractor pixels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .attention import attention_path, load_attention
+from .baselines import border_colour_saliency, centre_prior
+from .data import DatasetError, map_back, read_image, read_mask
+from .io import atomic_write_text
+from .masks import prelim_mask_path, preliminary_mask
+from .metrics import Confusion, auc_roc, separation_auc
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if not np.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def evaluate_steps12(items, out_dir, untrained_subdir: str | None = "attention_untrained",
+                     seed: int = 0) -> tuple[dict, list[tuple[str, str]]]:
+    """Metrics of steps 1-2 over ``items`` that have ground truth and step-1/2 outputs.
+
+    Returns (metrics, skipped) where skipped lists (image, reason) for images that could
+    not be scored.
+    """
+    out_dir = Path(out_dir)
+    auc = {"attention": [], "centre": [], "saliency": [], "untrained": [], "photo_token": []}
+    sep = {k: [] for k in auc}
+    conf = {"prelim": Confusion(), "centre": Confusion(), "saliency": Confusion()}
+    skipped, n = [], 0
+    for item in items:
+        if item.gt_path is None:
+            continue
+        try:
+            amap, pl = load_attention(out_dir, item)
+            shape = (pl.height, pl.width)
+            gt = read_mask(item.gt_path, shape)
+            pre = read_mask(prelim_mask_path(out_dir, item), shape)
+            img = read_image(item.image_path)
+            if img.shape[:2] != shape:
+                raise DatasetError(f"{item.image_path}: image is {img.shape[1]}x{img.shape[0]} but step 1 saw "
+                                   f"{pl.width}x{pl.height}; rerun step 1 with overwrite=True")
+            scores = {"attention": map_back(amap, pl, "bilinear"),
+                      "photo_token": map_back(load_attention(out_dir, item, word="photo")[0], pl, "bilinear"),
+                      "centre": centre_prior(*shape), "saliency": border_colour_saliency(img)}
+            if untrained_subdir and attention_path(out_dir, item, untrained_subdir).exists():
+                scores["untrained"] = map_back(load_attention(out_dir, item, untrained_subdir)[0], pl, "bilinear")
+            dis = read_mask(item.distractor_path, shape) if item.distractor_path else None
+        except (DatasetError, OSError, KeyError, ValueError) as e:
+            skipped.append((item.rel, f"{type(e).__name__}: {e}"))
+            continue
+        n += 1
+        for k, s in scores.items():
+            auc[k].append(auc_roc(s, gt))
+            if dis is not None and dis.any() and gt.any():
+                sep[k].append(separation_auc(s, gt, dis & ~gt))
+        conf["prelim"].update(pre, gt)
+        for k in ("centre", "saliency"):
+            conf[k].update(preliminary_mask(scores[k], seed=seed), gt)
+    r = lambda x: round(float(x), 4)  # noqa: E731
+    m = {"n_images": n, "step1_auc": r(_mean(auc["attention"])), "prelim": conf["prelim"].as_dict(4),
+         "baselines": {k: {"auc": r(_mean(auc[k])), "iou": r(conf[k].iou)} for k in ("centre", "saliency")},
+         "controls": {"photo_token": {"auc": r(_mean(auc["photo_token"]))}}}
+    if auc["untrained"]:
+        m["controls"]["untrained"] = {"auc": r(_mean(auc["untrained"]))}
+    if sep["attention"]:
+        m["bird_vs_distractor_auc"] = r(_mean(sep["attention"]))
+        for k in ("centre", "saliency"):
+            m["baselines"][k]["bird_vs_distractor_auc"] = r(_mean(sep[k]))
+        for k in ("untrained", "photo_token"):
+            if sep[k]:
+                m["controls"][k]["bird_vs_distractor_auc"] = r(_mean(sep[k]))
+    return m, skipped
+
+
+def split_subsets(items) -> dict[str, list]:
+    """The course's evaluation subsets: "test" (no distractor object) and "distractor"."""
+    test = [it for it in items if it.split == 0]
+    return {"test": [it for it in test if it.distractor_path is None],
+            "distractor": [it for it in test if it.distractor_path is not None]}
+
+
+def update_metrics(out_dir, updates: dict) -> dict:
+    """Merge ``updates`` into ``<out_dir>/metrics.json`` (atomically) and return the whole."""
+    path = Path(out_dir) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+
+    def merge(a, b):
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict):
+                merge(a[k], v)
+            else:
+                a[k] = v
+    merge(metrics, updates)
+    atomic_write_text(path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return metrics
+
+
+def steps12_table(m: dict) -> str:
+    """A small text table of steps 1-2 (what the notebooks print and nbval compares)."""
+    rows = [("attention (step 1)", m.get("step1_auc"), m["prelim"]["iou"], m.get("bird_vs_distractor_auc"))]
+    for k in ("centre", "saliency"):
+        b = m["baselines"][k]
+        rows.append((f"baseline: {k}", b["auc"], b["iou"], b.get("bird_vs_distractor_auc")))
+    for k, c in m.get("controls", {}).items():
+        rows.append((f"control: {k}", c["auc"], None, c.get("bird_vs_distractor_auc")))
+    f = lambda x: "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:6.3f}"  # noqa: E731
+    lines = [f"{'':24s} {'AUC':>6s} {'IoU':>6s} {'bird>other':>10s}"]
+    lines += [f"{name:24s} {f(a)} {f(i)} {f(s):>10s}" for name, a, i, s in rows]
+    return "\n".join(lines)

@@ -1,0 +1,403 @@
+"""The teaching model: a small Stable-Diffusion-architecture generator for the mini world.
+
+Same parts as SD v1.x, only smaller, so every line of the course runs unchanged on the
+real model:
+
+* the real CLIP tokenizer (OpenAI's BPE vocabulary, 49,408 tokens, 77 positions);
+* a ``CLIPTextModel`` with **zero transformer layers**: ``last_hidden_state =
+  final_layer_norm(token_embedding + position_embedding)``. A causal text transformer
+  trained jointly with a small UNet copies the whole caption into the end and padding
+  tokens, and the UNet then never needs to attend to the object's own word (its
+  cross-attention stays uniform: see docs/teaching_model.md). Without mixing, the only
+  way for a pixel to learn "bird" is to attend to the token "bird";
+* ``AutoencoderKL`` with a downsampling factor of 4 (64x64 images, 16x16 latents);
+* ``UNet2DConditionModel`` with cross-attention at the 16x16 and 8x8 latent resolutions
+  and in the 4x4 middle block;
+* SD's scaled-linear DDPM schedule (beta 0.00085 to 0.012, 1000 steps), epsilon
+  prediction.
+
+Training (``python -m fgbg.teaching_model train --help``) uses captions only: no mask,
+box or attention target ever enters it. Localisation has to emerge from denoising.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ASSET_DIR = Path(__file__).parent / "assets" / "teaching-model"
+SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                     steps_offset=1, prediction_type="epsilon")
+
+
+@dataclass
+class TeachingConfig:
+    image_size: int = 64
+    text_hidden: int = 128
+    latent_channels: int = 4
+    vae_channels: tuple = (16, 32, 64)
+    unet_channels: tuple = (32, 64, 128)
+    layers_per_block: int = 1
+    # Heads per block. diffusers' UNet2DConditionModel calls this `attention_head_dim` but
+    # uses it as the NUMBER of heads (SD v1's 8); (1, 2, 4) gives heads of 32 channels.
+    attention_heads: tuple = (1, 2, 4)
+    seed: int = 0
+
+
+def build_text_encoder(cfg: TeachingConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tc = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+                        num_hidden_layers=0, num_attention_heads=max(1, cfg.text_hidden // 64),
+                        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                        pad_token_id=49407, projection_dim=cfg.text_hidden)
+    return CLIPTextModel(tc)
+
+
+def build_vae(cfg: TeachingConfig):
+    from diffusers import AutoencoderKL
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels,
+                         layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=16,
+                         sample_size=cfg.image_size, scaling_factor=1.0)
+
+
+def build_unet(cfg: TeachingConfig):
+    from diffusers import UNet2DConditionModel
+    f = 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // f, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=cfg.unet_channels, layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.attention_heads,
+        norm_num_groups=32)
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(**SCALED_LINEAR)
+
+
+def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
+    """Write vocab.json and merges.txt of OpenAI's CLIP BPE vocabulary to ``out_dir``.
+
+    The vocabulary ships inside the open_clip_torch wheel (bpe_simple_vocab_16e6.txt.gz);
+    this reads the file from a downloaded wheel or an installed package without importing
+    open_clip (which imports torchvision). Only needed to build a model from scratch: a
+    saved teaching model carries its tokenizer.
+    """
+    import gzip
+    import importlib.util
+    import zipfile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = None
+    spec = importlib.util.find_spec("open_clip")
+    if spec and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+        if p.exists():
+            raw = p.read_bytes()
+    if raw is None:
+        wheels = sorted(Path(os.environ.get("FGBG_WHEEL_DIR", ".whl")).glob("open_clip_torch-*.whl"))
+        if not wheels:
+            raise FileNotFoundError(
+                "the CLIP BPE vocabulary was not found: `pip download --no-deps open_clip_torch -d .whl` "
+                "(or set FGBG_WHEEL_DIR to the folder holding the wheel)")
+        with zipfile.ZipFile(wheels[-1]) as z:
+            raw = z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.decompress(raw).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_chars = [chr(c) for c in cs]
+    vocab = byte_chars + [v + "</w>" for v in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out
+
+
+def load_tokenizer(folder: str | Path):
+    """CLIPTokenizer from a folder with vocab.json + merges.txt (transformers 4 and 5).
+
+    Never ``CLIPTokenizer(vocab_file=..., merges_file=...)``: transformers 5 ignores the
+    files there and returns a tokenizer that maps every word to id 2.
+    """
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    ids = tok("a photo of a cat").input_ids
+    if ids != [49406, 320, 1125, 539, 320, 2368, 49407]:
+        raise RuntimeError(f"tokenizer in {folder} is broken: 'a photo of a cat' -> {ids}")
+    return tok
+
+
+# --------------------------------------------------------------------------- captions
+def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5) -> str:
+    """A caption for one training step: objects in random order, each colour and the
+    background named with probability 1/2. Without the dropout "bird" would never stand
+    at position 5 of "a photo of a bird", the course's prompt."""
+    from .miniworld import Scene, caption_for
+    objs = list(scene.objects)
+    order = rng.permutation(len(objs)) if objs else []
+    shuffled = Scene(scene.background, [objs[i] for i in order], scene.seed)
+    colours = [bool(rng.random() < p_colour) for _ in objs]
+    return caption_for(shuffled, colours, bool(rng.random() < p_background) or not objs)
+
+
+# --------------------------------------------------------------------------- training
+def _device_and_dtype(device: str | None):
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    return dev, amp
+
+
+def _batches(n: int, batch: int, rng: np.random.Generator):
+    while True:
+        perm = rng.permutation(n)
+        for i in range(0, n - batch + 1, batch):
+            yield np.sort(perm[i:i + batch])
+
+
+def _save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int = 32, lr: float = 1e-3,
+              kl_weight: float = 1e-6, crop: int = 32, cfg: TeachingConfig | None = None,
+              device: str | None = None, log_every: int = 50):
+    """Train the AutoencoderKL on random ``crop`` x ``crop`` crops of corpus images
+    (L1 + MSE + a tiny KL). The VAE is convolutional, so crops teach it the whole image
+    at a quarter of the cost. Resumable."""
+    from tqdm.auto import tqdm
+    from .miniworld import load_corpus
+    cfg = cfg or TeachingConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev, amp = _device_and_dtype(device)
+    torch.manual_seed(cfg.seed)
+    imgs, _ = load_corpus(corpus)
+    vae = build_vae(cfg).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step, ck = 0, out / "vae_ckpt.pt"
+    if ck.exists():
+        st = torch.load(ck, map_location=dev)
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+    rng = np.random.default_rng([cfg.seed, 10, step])
+    it = _batches(len(imgs), batch, rng)
+    log = open(out / "vae_log.jsonl", "a")
+    bar = tqdm(total=steps, initial=step, desc="vae")
+    while step < steps:
+        x = torch.from_numpy(np.asarray(imgs[next(it)])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if crop and crop < x.shape[-1]:
+            i, j = (int(v) for v in rng.integers(0, (x.shape[-1] - crop) // 4 + 1, 2) * 4)
+            x = x[..., i:i + crop, j:j + crop]
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        rec = rec.float()
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            log.write(json.dumps({"step": step, "loss": loss.item(), "kl": kl.item()}) + "\n"); log.flush()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+    bar.close()
+    return vae
+
+
+@torch.no_grad()
+def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, device: str | None = None) -> float:
+    """Encode every corpus image once (posterior mean and std) and return the scaling
+    factor that gives the latents unit variance, as SD's 0.18215 does for its VAE."""
+    from .miniworld import load_corpus
+    dev, _ = _device_and_dtype(device)
+    imgs, _ = load_corpus(corpus)
+    vae = vae.to(dev).eval()
+    means, stds = [], []
+    for flip in (False, True):  # mirror images are free extra data: no caption names a side
+        for i in range(0, len(imgs), batch):
+            x = torch.from_numpy(np.asarray(imgs[i:i + batch])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            d = vae.encode(x.flip(-1) if flip else x).latent_dist
+            means.append(d.mean.half().cpu()); stds.append(d.std.half().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)  # item k and k + n are one scene
+    scale = float(1.0 / mean.float().std())
+    torch.save({"mean": mean, "std": std, "scaling_factor": scale}, Path(out) / "latents.pt")
+    return scale
+
+
+def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) -> torch.Tensor:
+    """Training timesteps: with probability ``p_high`` uniform in [200, 1000), else in [0, 1000).
+
+    At small t the noisy latent already shows the image and the caption adds little, so
+    the cross-attention learns mostly from the middle and high noise levels; drawing
+    them more often spends the small CPU budget where the words matter.
+    """
+    lo = torch.randint(0, 1000, (n,), generator=gen, device=device)
+    hi = torch.randint(200, 1000, (n,), generator=gen, device=device)
+    pick = torch.rand(n, generator=gen, device=device) < p_high
+    return torch.where(pick, hi, lo)
+
+
+def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4,
+               warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
+               device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
+               save_every: int = 250, threads: int | None = None, p_high: float = 0.7):
+    """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
+
+    The text encoder is a lookup table (zero layers), so training it "jointly" means
+    learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`.
+    """
+    from tqdm.auto import tqdm
+    from .miniworld import load_corpus
+    cfg = cfg or TeachingConfig()
+    out = Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    dev, amp = _device_and_dtype(device)
+    torch.manual_seed(cfg.seed)
+    _, scenes = load_corpus(corpus)
+    lat = torch.load(out / "latents.pt")
+    mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
+    tok = load_tokenizer(tokenizer_dir or out / "tokenizer")
+    unet, te = build_unet(cfg).to(dev), build_text_encoder(cfg).to(dev)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    sched = build_scheduler()
+    abar = sched.alphas_cumprod.to(dev)
+    step, ck = 0, out / "unet_ckpt.pt"
+    if ck.exists():
+        st = torch.load(ck, map_location=dev)
+        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
+        ema = [e.to(dev) for e in st["ema"]]; step = st["step"]
+    rng = np.random.default_rng([cfg.seed, 20, step])
+    gen = torch.Generator(dev).manual_seed(cfg.seed * 1000003 + step)
+    it = _batches(len(mean), batch, rng)
+    log = open(out / "unet_log.jsonl", "a")
+    bar = tqdm(total=steps, initial=step, desc="unet")
+    t0 = time.time()
+    while step < steps:
+        idx = next(it)
+        ids = tok([training_caption(scenes[i % len(scenes)], rng) for i in idx], padding="max_length", max_length=77,
+                  truncation=True, return_tensors="pt").input_ids.to(dev)
+        z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
+        t = sample_timesteps(len(idx), gen, dev, p_high)
+        eps = torch.randn(z0.shape, generator=gen, device=dev)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            cond = te(ids).last_hidden_state
+            pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            log.write(json.dumps({"step": step, "loss": loss.item(), "sec": round(time.time() - t0, 1)}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % save_every == 0 or step == steps:
+            _save_ckpt(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                            "ema": ema, "step": step})
+    bar.close()
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return unet, te
+
+
+def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_to: str | Path | None = None,
+                      dtype=torch.float16):
+    """Build a StableDiffusionPipeline from the training folder (EMA weights) and save it
+    in diffusers' save_pretrained layout (safetensors), loadable like SD v1.4."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    cfg = cfg or TeachingConfig()
+    out = Path(out)
+    vae = build_vae(cfg)
+    vae.load_state_dict(torch.load(out / "vae_ckpt.pt", map_location="cpu")["model"])
+    vae.register_to_config(scaling_factor=torch.load(out / "latents.pt")["scaling_factor"])
+    unet, te = build_unet(cfg), build_text_encoder(cfg)
+    st = torch.load(out / "unet_ckpt.pt", map_location="cpu")
+    unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
+    params = list(unet.parameters()) + list(te.parameters())
+    with torch.no_grad():
+        for p, e in zip(params, st["ema"]):
+            p.copy_(e)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_tokenizer(out / "tokenizer"), unet=unet,
+                                   scheduler=DDIMScheduler(**SCALED_LINEAR), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    if save_to:
+        pipe.to(dtype).save_pretrained(save_to, safe_serialization=True)
+        tdir = Path(save_to) / "tokenizer"
+        for f in ("vocab.json", "merges.txt"):  # transformers 4 reads these, 5 reads tokenizer.json
+            (tdir / f).write_bytes((out / "tokenizer" / f).read_bytes())
+        (Path(save_to) / "fgbg_teaching.json").write_text(json.dumps(
+            {"config": asdict(cfg), "unet_steps": st["step"]}, indent=1))
+    return pipe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fgbg.teaching_model", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the teaching model from scratch (resumes when rerun)")
+    t.add_argument("--work", default="data/teaching-train", help="working folder (corpus, checkpoints, logs)")
+    t.add_argument("--corpus-size", type=int, default=12000)
+    t.add_argument("--vae-steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=6000, help="UNet steps")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--ema", type=float, default=0.998)
+    t.add_argument("--device", default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
+    a = p.parse_args(argv)
+    cfg = TeachingConfig(seed=a.seed)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not (work / "corpus" / "scenes.jsonl").exists():
+        from .miniworld import write_corpus
+        write_corpus(work / "corpus", a.corpus_size, cfg.image_size, a.seed, workers=max(1, (os.cpu_count() or 1)))
+    if not (work / "tokenizer" / "vocab.json").exists():
+        tokenizer_files_from_open_clip(work / "tokenizer")
+    if not (work / "latents.pt").exists():
+        vae = train_vae(work / "corpus", work, a.vae_steps, cfg=cfg, device=a.device)
+        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=a.device))
+    train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device)
+    assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
+
+
+if __name__ == "__main__":
+    main()

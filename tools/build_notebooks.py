@@ -1,0 +1,92 @@
+"""Write the course notebooks from the cell lists in tools/notebook_cells/.
+
+The committed .ipynb files are the product; this script is how they are edited in
+review-friendly Python. Cells are separated by lines ``# %% [markdown]``, ``# %%``,
+``# %% parameters`` (the papermill parameters cell) and ``# %% check`` (a cell whose
+printed output nbval compares; the marker ``# NBVAL_CHECK_OUTPUT`` is added).
+
+    python tools/build_notebooks.py            # write notebooks/*.ipynb without outputs
+    python tools/build_notebooks.py --execute  # ... then run them and keep only the
+                                               # outputs of check cells (for nbval)
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "tools" / "notebook_cells"
+OUT = ROOT / "notebooks"
+CHECK = "# NBVAL_CHECK_OUTPUT"
+
+
+def parse(text: str) -> list:
+    cells = []
+    parts = re.split(r"^# %%(.*)$", text, flags=re.M)
+    for head, body in zip(parts[1::2], parts[2::2]):
+        head, body = head.strip(), body.strip("\n")
+        if head == "[markdown]":
+            md = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+            cells.append(nbformat.v4.new_markdown_cell(md.strip()))
+        elif head == "parameters":
+            cells.append(nbformat.v4.new_code_cell(body, metadata={"tags": ["parameters"]}))
+        elif head == "check":
+            cells.append(nbformat.v4.new_code_cell(f"{CHECK}\n{body}"))
+        elif head == "":
+            cells.append(nbformat.v4.new_code_cell(body))
+        else:
+            raise ValueError(f"unknown cell header '# %%{head}'")
+    return cells
+
+
+def build(name: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = parse((SRC / f"{name}.py").read_text())
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    path = OUT / f"{name}.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def keep_check_outputs(executed: Path, target: Path) -> None:
+    """Copy the outputs of check cells from an executed notebook into the clean one."""
+    ran = nbformat.read(executed, as_version=4)
+    clean = nbformat.read(target, as_version=4)
+    by_source = {c.source: c for c in ran.cells if c.cell_type == "code"}
+    for c in clean.cells:
+        if c.cell_type == "code" and c.source.startswith(CHECK):
+            r = by_source[c.source]
+            c.outputs = [o for o in r.outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"]
+            c.execution_count = 1
+    nbformat.write(clean, target)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("names", nargs="*")
+    p.add_argument("--execute", action="store_true")
+    a = p.parse_args()
+    names = a.names or sorted(f.stem for f in SRC.glob("[0-9]*.py"))
+    paths = [build(n) for n in names]
+    print("wrote", ", ".join(str(p.relative_to(ROOT)) for p in paths))
+    if a.execute:
+        import os
+        import papermill as pm
+        run_dir = ROOT / "runs" / "build"
+        os.environ["FGBG_OUT_DIR"] = str(run_dir)
+        for path in paths:
+            out = run_dir / "notebooks" / path.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            print("executing", path.name, flush=True)
+            pm.execute_notebook(str(path), str(out), cwd=str(ROOT), progress_bar=False)
+            keep_check_outputs(out, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+# %% [markdown]
+# # 1 · Where does the model look when it reads "bird"?
+#
+# A text-to-image diffusion model such as Stable Diffusion turns the prompt
+# *"a photo of a bird"* into an image by repeatedly **denoising** a latent image. Inside
+# its UNet, every pixel of the latent asks, through **cross-attention**, which words of the
+# prompt matter to it. Pixels that draw the bird attend to the word *bird*.
+#
+# The paper we follow (Dombrowski et al., *Foreground-Background Separation through
+# Concept Distillation from Generative Image Foundation Models*, ICCV 2023) turns that
+# around: show the model a **real** photo, slightly noised, together with the prompt, and
+# read off where the pixels attend to *bird*. No mask or box is needed: the object's
+# location is *distilled* from a model that only ever learnt to generate images.
+#
+# This lesson is **step 1** of the method: the raw attention maps.
+#
+# | step | notebook | what it makes |
+# |---|---|---|
+# | 1 | **01_attention** | raw cross-attention maps of the object word |
+# | 2 | 02_masks | preliminary masks M_pre |
+# | 3 | 03_finetune | a generator that knows "a photo of a background" |
+# | 4 | 04_inpaint | inpainted backgrounds and refined masks M |
+# | 5 | 05_segmentation | a segmentation network trained on M |
+#
+# Offline, the course runs on the **mini world**: procedural images with exact masks, and
+# a small teaching model with Stable Diffusion's architecture (same tokenizer, text
+# encoder, UNet, VAE and noise schedule, much smaller). The same cells run SD v1.4 on
+# CUB-200-2011 with `params/cub_sd14.yaml`.
+
+# %%
+# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
+# A no-op everywhere else.
+! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+
+# %% parameters
+model = "teaching"
+base_dir = "data/miniworld"
+make_mini_world = True
+out_dir = "runs/demo"
+foreground_prompt = "a photo of a bird"
+object_word = "bird"
+extractor = "relevant_token_step_mean"
+steps = None
+rev_diff_steps = 40
+num_inference_steps = 50
+num_repeat_each_diffusion_step = 1
+splits = ["train", "test"]
+limit = None
+resize_mode = "pad"
+controls = True
+unet_batch = 40
+seed = 0
+device = "auto"
+dtype = "auto"
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+
+from fgbg import attention, course, data, models, viz
+
+P = course.setup(globals())  # checks every parameter, resolves paths, seeds, writes the mini world if needed
+pipe = models.load_pipeline(P["model"], P["device"], P["dtype"])
+canvas = models.canvas_size(pipe)
+print(f"model: {P['model']} on {pipe.device} ({pipe.unet.dtype}), canvas {canvas}x{canvas}")
+
+# %% [markdown]
+# ## The prompt and its tokens
+#
+# CLIP's tokenizer puts `<|startoftext|>` at position 0, then one or more tokens per word,
+# then `<|endoftext|>`, padded to 77 positions. The word *bird* is token 5 of
+# *"a photo of a bird"*, but we never hard-code that: we look it up.
+
+# %%
+tok = attention.find_token_indices(pipe.tokenizer, P["foreground_prompt"], P["object_word"])
+tokens = attention.prompt_tokens(pipe.tokenizer, P["foreground_prompt"])
+print("tokens:", tokens[:8], "...")
+print(f"{P['object_word']!r} is at position {tok}")
+
+# %% [markdown]
+# ## One image, step by step
+#
+# 1. **Place** the image on the model's square canvas (here the reference's way: top-left,
+#    unresized, the rest filled with -1) and encode it with the VAE to the latent `z0`.
+# 2. **Noise** it at the `rev_diff_steps` = 40 lowest levels of a 50-step DDIM grid,
+#    t = 781, 761, ..., 1, each level *independently* with fresh noise:
+#    `z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`.
+# 3. Run **one** UNet pass per level with the prompt, and catch the softmax probabilities
+#    of every cross-attention layer (diffusers lets us swap in our own *attention
+#    processor* for exactly those layers).
+# 4. **Average**: upsample each layer's map to the latent grid, average over heads, layers
+#    and levels.
+#
+# The 40 levels do not depend on each other (this is not a denoising trajectory), so they
+# go through the UNet as one batch.
+
+# %%
+ds = data.load_dataset(P["base_dir"], splits=["test"], limit=P["limit"])
+item = ds.items[0]
+x, placement, img = data.load_item(item, canvas=canvas, mode=P["resize_mode"])
+maps = attention.compute_attention_maps(
+    pipe, x[None].to(pipe.unet.dtype), P["foreground_prompt"], rev_diff_steps=P["rev_diff_steps"],
+    num_inference_steps=P["num_inference_steps"],
+    num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], by_level=True,
+    generator=torch.Generator().manual_seed(P["seed"]))
+print(item.rel, "noise levels:", maps.timesteps[:3], "...", maps.timesteps[-2:])
+
+# %% [markdown]
+# ### Per layer resolution
+# The UNet has cross-attention at several resolutions. Coarse layers see the whole object,
+# fine layers see its outline; the method simply averages all of them.
+
+# %%
+viz.show_by_resolution(x, maps, tok[0]);
+
+# %% [markdown]
+# ### Per noise level
+# At high noise (large t) the model must guess the layout from the prompt; at low noise
+# it sees the image almost clean. Step 1 averages the 40 levels.
+
+# %%
+viz.show_by_level(maps, tok[0]);
+
+# %% [markdown]
+# ### Per token
+# Not every word attends to the object. `<|startoftext|>` soaks up most of the attention
+# everywhere (a "sink"); *photo* has no place in the picture.
+
+# %%
+viz.show_by_token(maps, [0, 1, 2, 4, *tok]);
+viz.plot_token_mass(maps, n_tokens=8);
+
+# %% [markdown]
+# ## Controls: what is knowledge, and what is mere saliency?
+#
+# A map that lights up on the bird is not yet proof that the model *knows* birds. Two
+# controls, run exactly like step 1:
+#
+# * the **untrained network**: same architecture, random weights. Random features already
+#   respond to edges and colour blobs, so it is not at 0.5 AUC;
+# * the **"photo" token**: a word that names no object.
+#
+# and two trivial baselines without any network: a **centre prior** (objects tend to be
+# in the middle) and **border-colour saliency** (objects differ from the image border).
+# Notebook 02 scores all of them against ground truth.
+
+# %%
+from fgbg.baselines import border_colour_saliency, centre_prior
+
+untrained = course.untrained_copy(pipe, seed=P["seed"])
+maps_u = attention.compute_attention_maps(
+    untrained, x[None].to(pipe.unet.dtype), P["foreground_prompt"], rev_diff_steps=P["rev_diff_steps"],
+    num_inference_steps=P["num_inference_steps"], generator=torch.Generator().manual_seed(P["seed"]))
+gt = data.read_mask(item.gt_path) if item.gt_path else None
+panels = [("image", img), ("ground truth", gt if gt is not None else img),
+          (f"{P['object_word']!r}", data.map_back(maps.mean()[0, tok].sum(0), placement, "bilinear")),
+          ("'photo'", data.map_back(maps.mean()[0, 2], placement, "bilinear")),
+          ("untrained network", data.map_back(maps_u.mean()[0, tok].sum(0), placement, "bilinear")),
+          ("centre prior", centre_prior(*img.shape[:2])), ("border saliency", border_colour_saliency(img))]
+viz.show_row(panels);
+
+# %% [markdown]
+# ## The whole dataset
+#
+# `save_attention_maps` runs step 1 on every image of the chosen splits and writes one
+# small `.npz` per image (the map on the latent grid, the map of "photo" as a control, and
+# where the image sits on the canvas). It keeps **running sums**, never the maps of every
+# layer and level: for SD at 512x512 that would be about 1.3 GB per image. A rerun skips
+# finished images; an unreadable image is reported and skipped.
+
+# %%
+full = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
+report = attention.save_attention_maps(
+    pipe, full, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
+    extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
+    num_inference_steps=P["num_inference_steps"],
+    num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
+    resize_mode=P["resize_mode"], unet_batch=P["unet_batch"])
+print(report)
+if P["controls"]:  # the untrained-network control, on the test split only
+    test = [it for it in full if it.split == 0]
+    print(attention.save_attention_maps(
+        untrained, test, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
+        extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
+        num_inference_steps=P["num_inference_steps"], seed=P["seed"], resize_mode=P["resize_mode"],
+        unet_batch=P["unet_batch"], subdir="attention_untrained"))
+del untrained
+
+# %% check
+amap, pl = attention.load_attention(P["out_dir"], full.items[0])
+print(f"images: {len(full)} in splits {P['splits']}, skipped: {len(report.skipped) + len(full.skipped)}")
+print(f"map on the latent grid: {amap.shape}, image {pl.height}x{pl.width}, sum over tokens is a probability")
+
+# %% [markdown]
+# ## Explore
+# Move the slider: image, ground truth and the attention map of the object word.
+
+# %%
+def panels_for(it):
+    m, p = attention.load_attention(P["out_dir"], it)
+    im = data.read_image(it.image_path)
+    return [("image", im), ("ground truth", data.read_mask(it.gt_path) if it.gt_path else im),
+            ("attention", data.map_back(m, p, "bilinear"))]
+
+viz.browse(full.items[:40], panels_for)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Set `steps = 10` (the 10 least noisy levels only) and compare the maps. Which levels
+#    localize best? (The paper found quality rises with T0 up to about 40.)
+# 2. Change `object_word` and `foreground_prompt` to another object of the mini world
+#    (`"a photo of a fish"`, `"fish"`): does the model find fish?
+# 3. Use `extractor = "multi_relevant_token_step_mean"` with a prompt naming the colour
+#    too ("a photo of a red bird"): what does the colour word attend to?
+# 4. Look at `fgbg/attention.py`: `CrossAttentionCapture` is diffusers' classic attention
+#    processor plus one line. Which line?
