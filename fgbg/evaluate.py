@@ -126,3 +126,55 @@ def steps12_table(m: dict) -> str:
     lines = [f"{'':24s} {'AUC':>6s} {'IoU':>6s} {'bird>other':>10s}"]
     lines += [f"{name:24s} {f(a)} {f(i)} {f(s):>10s}" for name, a, i, s in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Table 2
+TABLE2_ROWS = {
+    "prelim": "preliminary masks M_pre",
+    "crop": "simple inpainting M_crop",
+    "unet_prelim": "U-Net trained on M_pre",
+    "refined": "refined masks M",
+    "unet_refined": "U-Net trained on M",
+    "unet_refined_dprime": "U-Net trained on M plus D'",
+    "unet_supervised": "fully supervised U-Net",
+}
+"""Row keys of :func:`table2`, in the paper's order, with their labels."""
+
+# Dombrowski et al., "Foreground-Background Separation through Concept Distillation from
+# Generative Image Foundation Models", ICCV 2023, Table 2: CUB-200-2011 test set,
+# (Acc, IoU, mIoU) in percent (as quoted in METHOD.md).
+PAPER_TABLE2 = {
+    "prelim": (83.5, 29.0, 55.7),
+    "crop": (90.0, 30.7, 60.0),
+    "unet_prelim": (91.7, 66.5, 78.2),
+    "refined": (92.4, 63.6, 77.4),
+    "unet_refined": (95.2, 75.1, 84.8),
+    "unet_refined_dprime": (95.6, 77.2, 86.0),
+    "unet_supervised": (97.9, 88.3, 93.0),
+}
+
+
+def table2(rows: dict[str, dict]) -> str:
+    """The paper's Table 2 for this run, as text.
+
+    ``rows`` maps keys of :data:`TABLE2_ROWS` to metric dicts with "acc", "iou", "miou",
+    "dice" as fractions (e.g. :func:`fgbg.segmenter.evaluate_masks`' output). Rows appear
+    in the paper's order, only those present; other keys (e.g. the rest of metrics.json)
+    are ignored. This run's values are shown in percent (1 decimal) next to
+    the paper's CUB numbers (Acc / IoU / mIoU; the paper gives no Dice).
+    """
+    def pct(d: dict, k: str) -> str:
+        v = d.get(k)
+        return f"{100 * v:6.1f}" if isinstance(v, (int, float)) and not np.isnan(v) else "     -"
+
+    keys = [k for k in TABLE2_ROWS if isinstance(rows.get(k), dict)]
+    width = max([len("what")] + [len(TABLE2_ROWS.get(k, k)) for k in keys])
+    lines = [f"{'':{width}s}  {'this run':^27s}   {'paper (CUB)':^20s}".rstrip(),
+             f"{'what':{width}s}  {'Acc':>6s} {'IoU':>6s} {'mIoU':>6s} {'Dice':>6s}   "
+             f"{'Acc':>6s} {'IoU':>6s} {'mIoU':>6s}"]
+    for k in keys:
+        paper = PAPER_TABLE2.get(k)
+        ref = " ".join(f"{v:6.1f}" for v in paper) if paper else " ".join(["     -"] * 3)
+        ours = " ".join(pct(rows[k], m) for m in ("acc", "iou", "miou", "dice"))
+        lines.append(f"{TABLE2_ROWS.get(k, k):{width}s}  {ours}   {ref}")
+    return "\n".join(lines)

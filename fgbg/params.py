@@ -33,6 +33,19 @@ SCHEMA: dict[str, tuple[tuple, Any, str]] = {
     "resize_mode": ((str,), "pad", "'pad' (reference: top-left on a -1 canvas) or 'resize'"),
     "controls": ((bool,), True, "also run the untrained-network control of step 1"),
     "unet_batch": ((int,), 40, "UNet samples per forward pass in step 1"),
+    # step 3: fine-tuning (concept distillation)
+    "finetune_steps": ((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000)"),
+    "finetune_batch_size": ((int,), 8, "fine-tuning batch size (reference 8)"),
+    "finetune_lr": ((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)"),
+    # step 4: inpainting and refined masks
+    "inpaint_batch_size": ((int,), 16, "images per batch of the inpainting sampler"),
+    "close_and_fill": ((bool,), False, "optional clean-up of M: 3x3 closing, then hole filling"),
+    "fg_bg_guidance": ((float, int), 3.0, "scale s of foreground-vs-background guidance for samples"),
+    # step 5: segmentation network
+    "seg_size": ((int,), 64, "U-Net input size (the paper: 128)"),
+    "seg_iterations": ((int,), 1500, "U-Net training iterations (the paper: about 12k)"),
+    "seg_batch_size": ((int,), 32, "U-Net batch size (the paper: 32)"),
+    "seg_lr": ((float, int), 2e-3, "Adam learning rate of the U-Net (the paper: 2e-3)"),
     "seed": ((int,), 0, "seed of every random draw"),
     "device": ((str,), "auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'"),
     "dtype": ((str,), "auto", "'auto' (bf16/fp16 on GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'"),
@@ -65,7 +78,8 @@ def check(params: dict, source: str = "parameters") -> dict:
             raise ParameterError(f"{source}: parameter {name!r} must be {_names(types)}, "
                                  f"got {type(value).__name__} {value!r}")
         out[name] = value
-    for name in ("rev_diff_steps", "num_inference_steps", "num_repeat_each_diffusion_step", "unet_batch"):
+    for name in ("rev_diff_steps", "num_inference_steps", "num_repeat_each_diffusion_step", "unet_batch",
+                 "finetune_batch_size", "inpaint_batch_size", "seg_size", "seg_batch_size"):
         if out[name] < 1:
             raise ParameterError(f"{source}: parameter {name!r} must be >= 1, got {out[name]}")
     if out["rev_diff_steps"] > out["num_inference_steps"]:

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .data import DatasetError, Item
 
@@ -21,11 +22,14 @@ class StepReport:
     done: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (rel, message): done, but worth a look
 
     def __str__(self) -> str:
         s = f"{self.step}: {len(self.done)} computed, {len(self.reused)} reused, {len(self.skipped)} skipped"
         for what, why in self.skipped:
             s += f"\n  skipped {what}: {why}"
+        for what, why in self.notes:
+            s += f"\n  note {what}: {why}"
         return s
 
 
@@ -53,10 +57,90 @@ def for_each_item(step: str, items: Iterable[Item], outputs: Callable[[Item], li
         except Exception:
             print(f"{step}: unexpected error on {item.rel} (line {item.line}):\n{traceback.format_exc()}")
             raise
+    _append_skipped(report, out_dir)
+    return report
+
+
+def _append_skipped(report: StepReport, out_dir: str | Path | None) -> None:
+    """Append the report's skipped images to ``<out_dir>/skipped.txt`` (step, image, why)."""
     if out_dir is not None and report.skipped:
         path = Path(out_dir) / "skipped.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for what, why in report.skipped:
-                f.write(f"{step}\t{what}\t{why}\n")
+                f.write(f"{report.step}\t{what}\t{why}\n")
+
+
+def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], list[Path]],
+                   load: Callable[[Item], Any], work: Callable[[list[Any]], list[Any]],
+                   finish: Callable[[Item, Any, Any], str | None], batch_size: int = 16,
+                   out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                   expected: tuple[type[BaseException], ...] = (DatasetError, OSError, ValueError)) -> StepReport:
+    """:func:`for_each_item` for steps that run a model on batches of images.
+
+    For every item whose ``outputs(item)`` are not all present (or all, with ``overwrite``):
+
+    * ``load(item) -> data``: read the item's inputs; an expected error skips this item only;
+    * ``work([data, ...]) -> [result, ...]``: the batched computation on up to ``batch_size``
+      loaded items, one result per item; an expected error skips the items of this batch;
+    * ``finish(item, data, result) -> note | None``: post-process and write the outputs; an
+      expected error skips this item; a returned string is recorded in ``report.notes``.
+
+    A batch is filled with loadable items only, so a bad image never makes a batch smaller
+    than necessary. Same resume, skip and ``skipped.txt`` rules as :func:`for_each_item`.
+    """
+    from tqdm.auto import tqdm
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    items = list(items)
+    report = StepReport(step)
+    bar = tqdm(total=len(items), desc=step, disable=not progress, leave=False)
+
+    def guarded(item: Item, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            return True, fn()
+        except expected as e:
+            report.skipped.append((item.rel, f"{type(e).__name__}: {e}"))
+        except Exception:
+            print(f"{step}: unexpected error on {item.rel} (line {item.line}):\n{traceback.format_exc()}")
+            raise
+        return False, None
+
+    def flush(batch: list[tuple[Item, Any]]) -> None:
+        try:
+            results = work([data for _, data in batch])
+        except expected as e:
+            report.skipped.extend((item.rel, f"{type(e).__name__}: {e}") for item, _ in batch)
+            bar.update(len(batch))
+            return
+        except Exception:
+            print(f"{step}: unexpected error in the batch of {', '.join(i.rel for i, _ in batch)}:\n"
+                  f"{traceback.format_exc()}")
+            raise
+        for (item, data), result in zip(batch, results, strict=True):
+            ok, note = guarded(item, lambda: finish(item, data, result))
+            if ok:
+                report.done.append(item.key)
+                if note:
+                    report.notes.append((item.rel, note))
+            bar.update(1)
+
+    batch: list[tuple[Item, Any]] = []
+    for item in items:
+        if not overwrite and all(p.exists() for p in outputs(item)):
+            report.reused.append(item.key)
+            bar.update(1)
+            continue
+        ok, data = guarded(item, lambda: load(item))
+        if not ok:
+            bar.update(1)
+            continue
+        batch.append((item, data))
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    bar.close()
+    _append_skipped(report, out_dir)
     return report

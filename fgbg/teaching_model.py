@@ -85,7 +85,7 @@ def build_unet(cfg: TeachingConfig):
 
 def build_scheduler():
     from diffusers import DDPMScheduler
-    return DDPMScheduler(**SCALED_LINEAR)
+    return DDPMScheduler(**{k: v for k, v in SCALED_LINEAR.items() if k != "set_alpha_to_one"})
 
 
 def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
@@ -381,7 +381,14 @@ def main(argv=None):
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
+    e = sub.add_parser("export", help="write the pipeline of the latest checkpoint (EMA weights)")
+    e.add_argument("--work", default="data/teaching-train")
+    e.add_argument("--save-to", required=True)
     a = p.parse_args(argv)
+    if a.cmd == "export":
+        assemble_pipeline(a.work, save_to=a.save_to)
+        print(f"wrote {a.save_to}")
+        return
     cfg = TeachingConfig(seed=a.seed)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,464 @@
+"""Step 3 of the method: concept distillation (fine-tune the generator's UNet).
+
+After step 2 every training image has a preliminary mask M_pre: a rough guess of where the
+object is. Step 3 teaches the generator what "background" means, using nothing but those
+guesses. The whole UNet is trained (text encoder and VAE frozen) with the usual
+epsilon-prediction loss; each sample of a batch is, with probability ``p_background``:
+
+* an **object sample**: the full image with the prompt "a photo of a bird", loss on every
+  latent pixel (padding included, as in the reference); or
+* a **background sample**: the same kind of image with "a photo of a background", loss only
+  on the background pixels of ONE random rectangle (:func:`sample_background_box`).
+
+With z0 the image's latent, t ~ U{0, ..., 999}, eps ~ N(0, I) and
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, the loss of a batch is
+
+    L = sum over b, C, H, W of m * (eps_hat - eps)^2 / (B * C * H * W)     (masked_eps_loss)
+
+with eps_hat = UNet(z_t, t, prompt) and m the loss mask (all ones for an object sample).
+The mask only weights the loss; the UNet never sees it. Because the division is by all
+elements, a background sample whose box covers few pixels contributes a small loss.
+
+Training: AdamW (lr 1e-4, constant), batch 8, an exponential moving average (EMA) of the
+weights with decay min(0.999, (1 + step) / (10 + step)), and the saved model holds the EMA
+weights. The reference trains about one day on 2 A6000 GPUs; the mini world's default of 300
+steps takes minutes.
+
+Conventions of this implementation (choices the paper leaves open):
+
+* A box's *corner* is its top-left pixel, drawn uniformly among the background pixels; the
+  box extends down and right by its side lengths and is clipped at the bottom/right border
+  (so boxes near those borders are smaller than ``min_side``).
+* Canvas padding (``resize_mode="pad"`` pastes the image into the top-left of the square
+  canvas) is neither foreground nor background: background boxes are drawn inside the
+  valid region only (the sides keep their bounds relative to the whole latent grid), so a
+  background sample never gets loss on padding. Object samples get loss everywhere.
+* Batches are drawn with replacement (``batch_size`` random items per step).
+* All randomness comes from a numpy Generator and a torch Generator seeded by
+  ``config.seed``; their states go into the checkpoint, so an interrupted run resumed from
+  its checkpoint gives the same weights as an uninterrupted one (exactly on a CPU; on a
+  GPU up to the non-determinism of its kernels).
+* The UNet is trained in float32 (master weights) whatever the pipeline's dtype, with
+  autocast in bf16/fp16 on CUDA (``mixed_precision``); at the end it is cast back.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["sample_background_box", "masked_eps_loss", "FinetuneConfig", "finetune", "load_finetuned",
+           "sample", "finetuned_dir"]
+
+# fields that may change between a run and its resumption without changing the result
+_RESUMABLE_FIELDS = ("steps", "save_every", "gradient_checkpointing")
+
+
+# --------------------------------------------------------------------------- loss masks
+def _default_sides(n: int) -> tuple[int, int]:
+    """The reference's 11..32 of 64 latent pixels, scaled to a side of n pixels."""
+    return max(1, round(11 * n / 64)), max(1, round(32 * n / 64))
+
+
+def sample_background_box(fg: np.ndarray, rng: np.random.Generator, min_side: int | None = None,
+                          max_side: int | None = None, min_bg_frac: float = 2 / 3,
+                          max_tries: int = 100) -> np.ndarray:
+    """The loss mask of a background sample: background pixels inside one random box.
+
+    ``fg``: M_pre on the latent grid, bool (h, w). A draw picks the box's top-left corner
+    uniformly among the background pixels (``~fg``), its height and width uniformly in
+    ``[min_side, max_side]`` (defaults: round(11 h / 64) .. round(32 h / 64) for the height,
+    the same with w for the width, at least 1), and clips the box at the bottom/right
+    border. It is accepted when at least ``min_bg_frac`` of the (clipped) box's pixels are
+    background; the mask is then ``box & ~fg`` (foreground pixels in the box get no loss).
+
+    After ``max_tries`` rejected draws the whole background ``~fg`` is returned; with no
+    background pixel at all, an all-False mask.
+    """
+    fg = np.asarray(fg, dtype=bool)
+    if fg.ndim != 2:
+        raise ValueError(f"sample_background_box: expected fg of shape (h, w), got {fg.shape}")
+    h, w = fg.shape
+    bounds = []
+    for n in (h, w):
+        lo, hi = _default_sides(n)
+        lo, hi = lo if min_side is None else int(min_side), hi if max_side is None else int(max_side)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"sample_background_box: need 1 <= min_side <= max_side, got {lo}, {hi}")
+        bounds.append((lo, hi))
+    bg = ~fg
+    rows, cols = np.nonzero(bg)
+    if len(rows) == 0:
+        return np.zeros_like(bg)
+    for _ in range(max_tries):
+        k = rng.integers(len(rows))
+        r, c = int(rows[k]), int(cols[k])
+        bh = int(rng.integers(bounds[0][0], bounds[0][1] + 1))
+        bw = int(rng.integers(bounds[1][0], bounds[1][1] + 1))
+        r2, c2 = min(r + bh, h), min(c + bw, w)
+        inside = bg[r:r2, c:c2]
+        if inside.sum() >= min_bg_frac * inside.size - 1e-9:
+            mask = np.zeros_like(bg)
+            mask[r:r2, c:c2] = inside
+            return mask
+    return bg.copy()
+
+
+def _background_mask(fg: np.ndarray, valid: tuple[int, int], rng: np.random.Generator,
+                     min_side: int, max_side: int) -> np.ndarray:
+    """A background sample's loss mask on the whole latent grid: the box is drawn inside
+    the valid region (rows, cols) only, so padding cells never get loss."""
+    vr, vc = valid
+    mask = np.zeros(fg.shape, dtype=bool)
+    mask[:vr, :vc] = sample_background_box(fg[:vr, :vc], rng, min_side, max_side)
+    return mask
+
+
+def masked_eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor,
+                    reduction: str = "mean") -> torch.Tensor:
+    """sum over B x C x H x W of mask * (eps_hat - eps)^2, divided by ``eps.numel()``.
+
+    ``mask``: (B, 1, h, w) (broadcast over the channels) or (B, C, h, w), bool or float.
+    An all-zero mask gives exactly 0 and a zero gradient. ``reduction="none"`` gives the
+    per-sample losses (B,) (each divided by C x H x W); their mean is the "mean" loss.
+    """
+    if eps_hat.shape != eps.shape:
+        raise ValueError(f"masked_eps_loss: eps_hat {tuple(eps_hat.shape)} != eps {tuple(eps.shape)}")
+    mask = torch.as_tensor(mask, device=eps.device)
+    if mask.ndim != eps.ndim or torch.broadcast_shapes(mask.shape, eps.shape) != eps.shape:
+        raise ValueError(f"masked_eps_loss: mask {tuple(mask.shape)} does not broadcast to {tuple(eps.shape)}")
+    sq = mask.to(eps_hat.dtype) * (eps_hat - eps) ** 2
+    if reduction == "mean":
+        return sq.sum() / eps.numel()
+    if reduction == "none":
+        return sq.flatten(1).sum(1) / sq[0].numel()
+    raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class FinetuneConfig:
+    """Parameters of step 3. Defaults: the reference's, except ``steps`` (300 for the mini
+    world; the reference trains about one day on 2 A6000 GPUs, i.e. many thousand steps).
+
+    ``gradient_checkpointing``: None = on for CUDA (saves memory at SD size), off elsewhere.
+    ``mixed_precision``: "auto" (bf16 autocast on CUDA when supported, fp16 otherwise on
+    CUDA, none on CPU), "no", "bf16" or "fp16" (CUDA only). ``min_side``/``max_side``: box
+    sides in latent pixels (default: 11..32 of 64, scaled to the latent grid).
+    """
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999
+    p_background: float = 0.5
+    object_prompt: str = "a photo of a bird"
+    background_prompt: str = "a photo of a background"
+    seed: int = 0
+    gradient_checkpointing: bool | None = None
+    mixed_precision: str = "auto"
+    save_every: int = 100
+    resize_mode: str = "pad"
+    min_side: int | None = None
+    max_side: int | None = None
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"FinetuneConfig.{name}: expected a positive integer, got {v!r}")
+        if not 0.0 <= self.p_background <= 1.0:
+            raise ValueError(f"FinetuneConfig.p_background: expected a value in [0, 1], got {self.p_background!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"FinetuneConfig.ema_decay: expected a value in [0, 1), got {self.ema_decay!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"FinetuneConfig.mixed_precision: expected 'auto', 'no', 'bf16' or 'fp16', "
+                             f"got {self.mixed_precision!r}")
+        if self.resize_mode not in ("pad", "resize"):
+            raise ValueError(f"FinetuneConfig.resize_mode: expected 'pad' or 'resize', got {self.resize_mode!r}")
+
+
+def finetuned_dir(out_dir) -> Path:
+    """Where step 3 writes the fine-tuned pipeline: ``<out_dir>/finetuned``."""
+    return Path(out_dir) / "finetuned"
+
+
+def _autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError(f"FinetuneConfig.mixed_precision='fp16' needs a CUDA device, got {device}")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _same_config(a: dict, b: dict) -> list[str]:
+    """Names of the fields (other than the resumable ones) where two configs differ."""
+    return [k for k in sorted(set(a) | set(b)) if k not in _RESUMABLE_FIELDS and a.get(k) != b.get(k)]
+
+
+def _read_losses(path: Path, up_to: int | None = None) -> list[dict]:
+    """The records of loss.jsonl (a half-written last line is ignored), one per step."""
+    if not path.exists():
+        return []
+    recs = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to is None or r["step"] <= up_to:
+            recs[r["step"]] = r
+    return [recs[s] for s in sorted(recs)]
+
+
+def _prepare(pipe, items, out_dir, config: FinetuneConfig, progress: bool):
+    """z0, M_pre on the latent grid and the valid region of every usable item."""
+    from .attention import encode_images
+    from .data import load_item, place_mask, read_mask, valid_region
+    from .masks import prelim_mask_path
+    from .models import canvas_size
+    from .runs import for_each_batch
+
+    canvas, grid = canvas_size(pipe), int(pipe.unet.config.sample_size)
+    data: list[tuple[str, torch.Tensor, np.ndarray, tuple[int, int]]] = []
+
+    def load(item):
+        x, pl, img = load_item(item, canvas=canvas, mode=config.resize_mode)
+        m_pre = read_mask(prelim_mask_path(out_dir, item), shape=img.shape)
+        return item.rel, x, place_mask(m_pre, pl, grid=grid), valid_region(pl, grid)
+
+    def encode(batch):
+        return list(encode_images(pipe, torch.stack([b[1] for b in batch])).float().cpu())
+
+    def keep(item, d, z0):
+        data.append((d[0], z0, d[2], d[3]))
+
+    report = for_each_batch("step 3 (fine-tuning data)", items, lambda it: [], load, encode, keep,
+                            batch_size=config.batch_size, out_dir=out_dir, overwrite=True, progress=progress)
+    for rel, why in report.skipped:
+        print(f"step 3: skipped {rel}: {why}")
+    return data, list(report.skipped)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    from .io import _atomic
+    _atomic(path, lambda f: torch.save(state, f))
+
+
+def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
+    """Step 3: fine-tune ``pipe.unet`` on ``items`` (the training images) and their M_pre.
+
+    Needs ``masks.prelim_mask_path(out_dir, item)`` (step 2) for every item; an item whose
+    image or M_pre is missing, unreadable or of the wrong size is skipped with a message
+    naming the file. Raises ValueError when no item remains.
+
+    Writes to ``<out_dir>/finetuned/``: the pipeline (``save_pretrained``, safetensors, EMA
+    UNet), ``checkpoint.pt`` (raw UNet, EMA, optimizer, step, rng states; every
+    ``save_every`` steps and at the end), ``loss.jsonl`` (one line per step: ``step``, the
+    batch ``loss``, ``kind`` "object"/"background"/"mixed" and the mean per-sample loss of
+    each kind, ``object``/``background``, null when absent) and ``done.json`` (written last).
+
+    Resume: when ``done.json`` exists for the same steps and config, nothing is trained or
+    loaded and ``pipe`` is left as it is: load the result with :func:`load_finetuned`.
+    Otherwise a ``checkpoint.pt`` of the same config is resumed from its step (a different
+    config or item list raises ValueError: delete the folder or use another ``out_dir``).
+
+    After training, ``pipe.unet`` holds the EMA weights, in its original dtype, in eval
+    mode with gradients off (also if training stops with an error, minus the EMA copy).
+
+    Returns ``{"steps", "skipped": [(rel, reason)], "loss": [per-step loss], "path",
+    "reused": True when done.json was found}``.
+    """
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+    from .attention import encode_prompt
+    from .io import atomic_write_text
+
+    config = config or FinetuneConfig()
+    config.check()
+    cfg = asdict(config)
+    fin = finetuned_dir(out_dir)
+    done_path, ckpt_path, loss_path = fin / "done.json", fin / "checkpoint.pt", fin / "loss.jsonl"
+
+    if done_path.exists():
+        done = json.loads(done_path.read_text())
+        if done.get("steps") == config.steps:
+            diff = _same_config(done.get("config", {}), cfg)
+            if diff:
+                raise ValueError(f"{fin} holds a fine-tuning run with another config (fields {', '.join(diff)} "
+                                 f"differ); delete {fin} or choose another out_dir")
+            return {"steps": config.steps, "skipped": [tuple(s) for s in done.get("skipped", [])],
+                    "loss": [r["loss"] for r in _read_losses(loss_path)], "path": str(fin), "reused": True}
+
+    data, skipped = _prepare(pipe, items, out_dir, config, progress)
+    if not data:
+        raise ValueError(f"step 3: no usable training item in {out_dir} (need the images and their M_pre "
+                         f"under {Path(out_dir) / 'masks' / 'prelim'}; {len(skipped)} skipped)")
+    rels = [d[0] for d in data]
+
+    unet, dev = pipe.unet, pipe.unet.device
+    orig_dtype = unet.dtype
+    amp = _autocast_dtype(dev, config.mixed_precision)
+    use_gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else dev.type == "cuda"
+    train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    abar = train_sched.alphas_cumprod.to(dev, torch.float32)
+    n_t = int(train_sched.config.num_train_timesteps)
+    grid = int(unet.config.sample_size)
+    lo, hi = _default_sides(grid)
+    lo = lo if config.min_side is None else config.min_side
+    hi = hi if config.max_side is None else config.max_side
+    emb = torch.cat([encode_prompt(pipe, config.object_prompt), encode_prompt(pipe, config.background_prompt)])
+    emb = emb.to(dev, torch.float32)  # row 0: object prompt, row 1: background prompt
+
+    z0_all = torch.stack([d[1] for d in data])
+    cuda_idx = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    fin.mkdir(parents=True, exist_ok=True)
+    log = None
+    try:
+        unet.to(torch.float32).train().requires_grad_(True)
+        if use_gc:
+            unet.enable_gradient_checkpointing()
+        params = list(unet.parameters())
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+        ema = [p.detach().clone() for p in params]
+        rng = np.random.default_rng(config.seed)
+        gen = torch.Generator().manual_seed(config.seed)
+        with torch.random.fork_rng(devices=cuda_idx):  # the caller's global rng is restored on exit
+            torch.default_generator.manual_seed(config.seed)  # only for dropout, if the UNet has any
+            for i in cuda_idx:
+                torch.cuda.default_generators[i].manual_seed(config.seed)
+            step = 0
+            if ckpt_path.exists():
+                st = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                diff = _same_config(st["config"], cfg)
+                if diff or st["items"] != rels:
+                    what = f"fields {', '.join(diff)} differ" if diff else "the training items differ"
+                    raise ValueError(f"{ckpt_path} was written by a run with another config ({what}); delete "
+                                     f"{fin} or choose another out_dir")
+                if st["step"] > config.steps:
+                    raise ValueError(f"{ckpt_path} is at step {st['step']}, beyond steps={config.steps}; "
+                                     f"delete {fin} or choose another out_dir")
+                unet.load_state_dict(st["unet"])
+                opt.load_state_dict(st["optimizer"])
+                scaler.load_state_dict(st["scaler"])
+                ema = [e.to(dev) for e in st["ema"]]
+                rng.bit_generator.state = st["np_rng"]
+                gen.set_state(st["torch_rng"])
+                torch.set_rng_state(st["torch_global_rng"])
+                for i, s in zip(cuda_idx, st["cuda_rng"]):
+                    torch.cuda.set_rng_state(s, i)
+                step = st["step"]
+            done_path.unlink(missing_ok=True)  # the folder is being rewritten
+            atomic_write_text(loss_path, "".join(json.dumps(r) + "\n" for r in _read_losses(loss_path, step)))
+
+            def checkpoint():
+                _save_checkpoint(ckpt_path, {
+                    "unet": unet.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "np_rng": rng.bit_generator.state,
+                    "torch_rng": gen.get_state(), "torch_global_rng": torch.get_rng_state(),
+                    "cuda_rng": [torch.cuda.get_rng_state(i) for i in cuda_idx], "config": cfg, "items": rels})
+
+            log = open(loss_path, "a")
+            bar = tqdm(total=config.steps, initial=step, desc="step 3 (fine-tune)", disable=not progress)
+            B = config.batch_size
+            while step < config.steps:
+                idx = rng.integers(len(data), size=B)
+                is_bg = rng.random(B) < config.p_background
+                m = np.ones((B, 1, grid, grid), dtype=bool)  # object samples: every latent pixel
+                for k in np.flatnonzero(is_bg):
+                    _, _, fg, valid = data[idx[k]]
+                    m[k, 0] = _background_mask(fg, valid, rng, lo, hi)
+                t = torch.randint(0, n_t, (B,), generator=gen)
+                z0 = z0_all[torch.from_numpy(idx)]
+                eps = torch.randn(z0.shape, generator=gen)
+                z0, eps, t = z0.to(dev), eps.to(dev), t.to(dev)
+                a = abar[t].view(-1, 1, 1, 1)
+                z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+                cond = emb[torch.from_numpy(is_bg.astype(np.int64)).to(dev)]
+                with torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext():
+                    eps_hat = unet(z_t, t, encoder_hidden_states=cond).sample
+                per_sample = masked_eps_loss(eps_hat.float(), eps, torch.from_numpy(m).to(dev), reduction="none")
+                loss = per_sample.mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                with torch.no_grad():
+                    d = min(config.ema_decay, (1 + step) / (10 + step))
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+                step += 1
+                ps = per_sample.detach().cpu().numpy()
+                kind = "background" if is_bg.all() else "object" if not is_bg.any() else "mixed"
+                log.write(json.dumps({"step": step, "loss": float(loss), "kind": kind,
+                                      "object": float(ps[~is_bg].mean()) if (~is_bg).any() else None,
+                                      "background": float(ps[is_bg].mean()) if is_bg.any() else None}) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+                if step % config.save_every == 0 or step == config.steps:
+                    checkpoint()
+            bar.close()
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    finally:
+        if log is not None:
+            log.close()
+        if use_gc:
+            unet.disable_gradient_checkpointing()
+        unet.to(orig_dtype).eval().requires_grad_(False)
+
+    pipe.save_pretrained(fin, safe_serialization=True)
+    atomic_write_text(done_path, json.dumps({"steps": config.steps, "config": cfg, "items": len(rels),
+                                             "skipped": [list(s) for s in skipped]}, indent=1))
+    return {"steps": config.steps, "skipped": skipped, "loss": [r["loss"] for r in _read_losses(loss_path)],
+            "path": str(fin), "reused": False}
+
+
+def load_finetuned(out_dir, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """The fine-tuned pipeline of ``<out_dir>/finetuned`` (``models.load_pipeline``).
+
+    Raises ModelLoadError naming the folder and what is missing when step 3 did not finish
+    there (no done.json, model_index.json or UNet weights)."""
+    from .models import ModelLoadError, load_pipeline
+    fin = finetuned_dir(out_dir)
+    missing = [f for f in ("done.json", "model_index.json") if not (fin / f).is_file()]
+    if not any((fin / "unet").glob("diffusion_pytorch_model*")):
+        missing.append("unet/diffusion_pytorch_model.safetensors")
+    if missing:
+        raise ModelLoadError(f"{fin}: the fine-tuned pipeline is incomplete (missing {', '.join(missing)}); "
+                             f"rerun step 3, finetune(pipe, items, out_dir, config), to finish it")
+    return load_pipeline(str(fin), device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample(pipe, prompt: str, n: int, num_inference_steps: int = 50, seed: int = 0,
+           guidance_scale: float = 1.0, negative_prompt: str | None = None) -> np.ndarray:
+    """``n`` images of ``prompt``, uint8 (n, H, W, 3), by DDIM (eta 0) through the pipeline.
+
+    With ``guidance_scale`` s > 1 this is classifier-free guidance, and with
+    ``negative_prompt`` the unconditional prediction is replaced by the negative prompt's:
+    eps = eps_neg + s (eps_prompt - eps_neg). The paper's foreground-vs-background steering,
+    eps = eps_bg + s (eps_fg - eps_bg), is exactly that with negative_prompt = the background
+    prompt. The pipeline's own scheduler is swapped for DDIM during the call and restored.
+    """
+    from diffusers import DDIMScheduler
+    if negative_prompt is not None and guidance_scale <= 1:
+        raise ValueError("sample: negative_prompt has no effect with guidance_scale <= 1; "
+                         "use guidance_scale > 1 for guidance against it")
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=num_inference_steps,
+                   generator=torch.Generator().manual_seed(seed), output_type="np",
+                   guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+    finally:
+        pipe.scheduler = original
+    return (np.clip(out.images, 0.0, 1.0) * 255).round().astype(np.uint8)

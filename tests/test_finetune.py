@@ -1,0 +1,226 @@
+"""Step 3 (concept distillation): background boxes, the masked loss, fine-tuning and resume."""
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fgbg import finetune as ft
+from fgbg.data import load_dataset, read_mask
+from fgbg.io import save_png
+from fgbg.masks import prelim_mask_path
+from fgbg.models import ModelLoadError
+
+
+# --------------------------------------------------------------------------- boxes
+def _bbox(mask):
+    rows, cols = np.nonzero(mask)
+    return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+
+def test_background_box_constraints():
+    # a 10x10 object in the middle of a 64x64 latent grid; default sides 11..32.
+    # The box's bounding box can be recovered from the mask exactly: its top-left corner is a
+    # background pixel, and a whole bottom row / right column of foreground would need a box
+    # side <= 10, which only a box clipped at the bottom/right border has, far from the object.
+    fg = np.zeros((64, 64), bool)
+    fg[27:37, 27:37] = True
+    rng = np.random.default_rng(0)
+    cut_fg = 0
+    for _ in range(400):
+        m = ft.sample_background_box(fg, rng)
+        assert m.dtype == bool and m.shape == fg.shape
+        assert not (m & fg).any()
+        r0, r1, c0, c1 = _bbox(m)
+        box = np.zeros_like(fg)
+        box[r0:r1, c0:c1] = True
+        np.testing.assert_array_equal(m, box & ~fg)
+        assert m[r0, c0]  # the corner is a background pixel
+        for side, end in ((r1 - r0, r1), (c1 - c0, c1)):
+            assert side <= 32 and (side >= 11 or end == 64)  # shorter only when clipped
+        assert m.sum() >= 2 / 3 * box.sum() - 1e-9
+        cut_fg += bool((box & fg).any())
+    assert cut_fg > 0  # some accepted boxes did overlap the object, and lost those pixels
+    # the 2/3 rule does something: without it some boxes are mostly object
+    rng = np.random.default_rng(0)
+    fracs = []
+    for _ in range(400):
+        m = ft.sample_background_box(fg, rng, min_bg_frac=0.0)
+        r0, r1, c0, c1 = _bbox(m)
+        fracs.append(m.sum() / ((r1 - r0) * (c1 - c0)))
+    assert min(fracs) < 2 / 3
+
+
+def test_default_sides_scale_with_the_grid():
+    rng = np.random.default_rng(1)
+    sides = set()
+    for _ in range(300):
+        r0, r1, c0, c1 = _bbox(ft.sample_background_box(np.zeros((16, 16), bool), rng))
+        if r1 < 16:
+            sides.add(r1 - r0)
+        if c1 < 16:
+            sides.add(c1 - c0)
+    assert sides == set(range(3, 9))  # round(11 * 16 / 64) = 3 .. round(32 * 16 / 64) = 8
+
+
+def test_box_fallback_and_all_foreground():
+    fg = np.ones((64, 64), bool)
+    fg[0, 0] = fg[0, 1] = fg[1, 0] = False  # any box from these corners is >= 11x11: 3/121 background
+    m = ft.sample_background_box(fg, np.random.default_rng(0))
+    np.testing.assert_array_equal(m, ~fg)
+    m = ft.sample_background_box(np.ones((16, 16), bool), np.random.default_rng(0))
+    assert m.shape == (16, 16) and not m.any()
+
+
+def test_background_boxes_avoid_padding():
+    rng = np.random.default_rng(0)
+    fg = np.zeros((16, 16), bool)
+    for _ in range(200):
+        m = ft._background_mask(fg, (10, 16), rng, 3, 8)
+        assert m.any() and not m[10:].any()
+
+
+# --------------------------------------------------------------------------- loss
+def test_masked_loss_by_hand_and_its_gradient():
+    eps_hat = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)
+    eps = torch.zeros(1, 1, 2, 2)
+    mask = torch.tensor([[[[True, False], [False, True]]]])
+    loss = ft.masked_eps_loss(eps_hat, eps, mask)
+    assert loss.item() == pytest.approx((1 + 16) / 4)
+    loss.backward()
+    # d/dx of m (x - e)^2 / 4 = m (x - e) / 2
+    torch.testing.assert_close(eps_hat.grad, torch.tensor([[[[0.5, 0.0], [0.0, 2.0]]]]))
+    # (B, 1, h, w) masks broadcast over the channels; division by all B*C*H*W elements
+    two = torch.stack([torch.ones(2, 2), 2 * torch.ones(2, 2)])[None]  # (1, 2, 2, 2)
+    assert ft.masked_eps_loss(two, torch.zeros_like(two), mask).item() == pytest.approx((2 * 1 + 2 * 4) / 8)
+    per = ft.masked_eps_loss(torch.cat([two, 2 * two]), torch.zeros(2, 2, 2, 2), mask.expand(2, 1, 2, 2),
+                             reduction="none")
+    torch.testing.assert_close(per, torch.tensor([10 / 8, 40 / 8]))
+
+
+def test_masked_loss_all_zero_mask():
+    eps_hat = torch.randn(2, 4, 3, 3, requires_grad=True)
+    loss = ft.masked_eps_loss(eps_hat, torch.randn(2, 4, 3, 3), torch.zeros(2, 1, 3, 3))
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(eps_hat.grad, torch.zeros_like(eps_hat))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def train_items(mini_dataset, tmp_path):
+    """The 2 train + 1 val images, with M_pre = ground truth for the first two; the third has
+    no M_pre file. Returns (items, out_dir)."""
+    ds = load_dataset(mini_dataset, splits=["train", "val"])
+    out = tmp_path / "out"
+    for it in ds.items[:2]:
+        save_png(prelim_mask_path(out, it), read_mask(it.gt_path).astype(np.uint8) * 255)
+    return ds.items, out
+
+
+def _copy_dir_prelims(src, dst, items):
+    for it in items:
+        if prelim_mask_path(src, it).exists():
+            save_png(prelim_mask_path(dst, it), np.asarray(read_mask(prelim_mask_path(src, it)), np.uint8) * 255)
+
+
+def test_finetune_files_weights_resume_and_skip(tiny_pipe, train_items, tmp_path):
+    items, out = train_items
+    cfg = ft.FinetuneConfig(steps=4, batch_size=2, save_every=2, seed=3)
+    te0, vae0, unet0 = _state(tiny_pipe.text_encoder), _state(tiny_pipe.vae), _state(tiny_pipe.unet)
+
+    pipe = copy.deepcopy(tiny_pipe)
+    res = ft.finetune(pipe, items, out, cfg, progress=False)
+    fin = out / "finetuned"
+    assert res["path"] == str(fin) and res["steps"] == 4 and not res["reused"]
+    # the val item has no M_pre: skipped, with the file named
+    assert [rel for rel, _ in res["skipped"]] == [items[2].rel]
+    assert str(prelim_mask_path(out, items[2])) in res["skipped"][0][1]
+    for f in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "checkpoint.pt", "done.json"):
+        assert (fin / f).is_file(), f
+    assert len(res["loss"]) == 4 and all(np.isfinite(res["loss"]))
+    recs = [json.loads(line) for line in (fin / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and [r["loss"] for r in recs] == res["loss"]
+    kinds = {r["kind"] for r in recs}
+    assert kinds <= {"object", "background", "mixed"} and len(kinds) > 1
+    for r in recs:  # the batch loss is the mean of the per-sample losses
+        if r["kind"] == "mixed":
+            assert r["loss"] == pytest.approx((r["object"] + r["background"]) / 2)
+    assert json.loads((fin / "done.json").read_text())["steps"] == 4
+
+    # only the UNet changed; it holds the EMA weights (not the raw ones), in eval mode
+    assert _equal(_state(pipe.text_encoder), te0) and _equal(_state(pipe.vae), vae0)
+    assert not _equal(_state(pipe.unet), unet0)
+    assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
+    st = torch.load(fin / "checkpoint.pt", weights_only=True)
+    assert st["step"] == 4
+    params = list(pipe.unet.parameters())
+    assert all(torch.equal(p, e) for p, e in zip(params, st["ema"]))
+    raw = [st["unet"][k] for k, _ in pipe.unet.named_parameters()]
+    assert not all(torch.equal(p, r) for p, r in zip(params, raw))
+    # the saved pipeline is the EMA one
+    loaded = ft.load_finetuned(out, device="cpu")
+    assert _equal(_state(loaded.unet), _state(pipe.unet))
+
+    # a rerun finds done.json and trains nothing
+    mtime = (fin / "checkpoint.pt").stat().st_mtime_ns
+    again = ft.finetune(copy.deepcopy(tiny_pipe), items, out, cfg, progress=False)
+    assert again["reused"] and again["loss"] == res["loss"] and (fin / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+    # 2 steps, then resume to 4 (from a fresh copy of the original weights): same EMA weights
+    out2 = tmp_path / "out2"
+    _copy_dir_prelims(out, out2, items)
+    half = ft.finetune(copy.deepcopy(tiny_pipe), items, out2, ft.FinetuneConfig(**{**cfg.__dict__, "steps": 2}),
+                       progress=False)
+    assert half["loss"] == res["loss"][:2]
+    resumed_pipe = copy.deepcopy(tiny_pipe)
+    resumed = ft.finetune(resumed_pipe, items, out2, cfg, progress=False)
+    assert resumed["loss"] == res["loss"]
+    assert _equal(_state(resumed_pipe.unet), _state(pipe.unet))
+
+    # another config on the same folder is refused
+    with pytest.raises(ValueError, match="another config"):
+        ft.finetune(copy.deepcopy(tiny_pipe), items, out2, ft.FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}),
+                    progress=False)
+
+
+def test_finetune_without_usable_items(tiny_pipe, mini_dataset, tmp_path):
+    ds = load_dataset(mini_dataset, splits=["train"])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):
+        ft.finetune(tiny_pipe, ds.items, tmp_path / "empty", ft.FinetuneConfig(steps=1, batch_size=1),
+                    progress=False)
+
+
+def test_load_finetuned_incomplete_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="done.json.*model_index.json.*unet.*rerun"):
+        ft.load_finetuned(tmp_path)
+    (tmp_path / "finetuned").mkdir()
+    (tmp_path / "finetuned" / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as e:
+        ft.load_finetuned(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "finetuned") in msg and "done.json" in msg and "model_index" not in msg
+
+
+# --------------------------------------------------------------------------- sampling
+def test_sample_is_seeded_and_guidance_uses_the_negative_prompt(tiny_pipe):
+    sched = tiny_pipe.scheduler
+    a = ft.sample(tiny_pipe, "a photo of a bird", 2, num_inference_steps=2, seed=1)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, ft.sample(tiny_pipe, "a photo of a bird", 2, num_inference_steps=2, seed=1))
+    g = ft.sample(tiny_pipe, "a photo of a bird", 2, num_inference_steps=2, seed=1, guidance_scale=3.0,
+                  negative_prompt="a photo of a background")
+    assert not np.array_equal(a, g)
+    assert tiny_pipe.scheduler is sched
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ft.sample(tiny_pipe, "a photo of a bird", 1, negative_prompt="a photo of a background")

@@ -1,0 +1,128 @@
+# %% [markdown]
+# # 3 · Concept distillation: teach the generator what "background" means
+#
+# M_pre is coarse. To refine it, the paper removes the object from the photo and looks at
+# what changed. Removing needs a generator that can paint *background only* on request.
+# A text-to-image model has never been asked for "a photo of a background" in a
+# controlled way, so the paper **fine-tunes** it on the dataset itself, with the
+# preliminary masks as (noisy) supervision:
+#
+# * half of the samples: the whole image with *"a photo of a bird"*, denoising loss on
+#   every latent pixel (the model keeps knowing the object);
+# * the other half: the same kind of image with *"a photo of a background"*, loss **only
+#   on background pixels inside one random rectangle** drawn from M_pre (corners on
+#   background, sides 11-32 of 64 latent pixels, at least 2/3 background; foreground
+#   pixels in the box get no loss).
+#
+# The mask only **weights the loss**; it is never an input of the UNet:
+#
+# `loss = mean over B, C, H, W of  m * (eps_hat - eps)^2`
+#
+# Text encoder and VAE stay frozen, the UNet is trained with AdamW at a constant learning
+# rate, and samples come from an exponential moving average (EMA) of its weights. The
+# reference trains about a day on two A6000 GPUs; the mini world needs minutes on a CPU.
+
+# %%
+# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
+# A no-op everywhere else.
+! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+
+# %% parameters
+model = "teaching"
+base_dir = "data/miniworld"
+make_mini_world = True
+out_dir = "runs/demo"
+foreground_prompt = "a photo of a bird"
+background_prompt = "a photo of a background"
+finetune_steps = 300
+finetune_batch_size = 8
+finetune_lr = 0.0001
+limit = None
+resize_mode = "pad"
+seed = 0
+device = "auto"
+dtype = "auto"
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fgbg import course, data, finetune, masks, models, viz
+
+P = course.setup(globals())
+pipe = models.load_pipeline(P["model"], P["device"], P["dtype"])
+train = data.load_dataset(P["base_dir"], splits=["train"], limit=P["limit"])
+print(f"{len(train)} training images")
+
+# %% [markdown]
+# ## The rectangle sampler
+# Where may a background sample put its loss? Inside one random box whose corner lies on
+# M_pre's background and which is at least 2/3 background. Each panel is one draw on the
+# latent grid: grey = M_pre (no loss), yellow = the pixels that get loss.
+
+# %%
+item = train.items[0]
+x, pl, img = data.load_item(item, canvas=models.canvas_size(pipe), mode=P["resize_mode"])
+latent = pipe.unet.config.sample_size
+m_pre = data.place_mask(data.read_mask(masks.prelim_mask_path(P["out_dir"], item), img.shape[:2]), pl, latent)
+rng = np.random.default_rng(P["seed"])
+draws = [finetune.sample_background_box(m_pre, rng) for _ in range(5)]
+viz.show_row([("image", img), ("M_pre (latent grid)", m_pre)] +
+             [(f"draw {i + 1}", m_pre * 0.4 + d * 1.0) for i, d in enumerate(draws)], cmap="viridis");
+
+# %% [markdown]
+# ## Before fine-tuning
+# What does the teaching model draw for the two prompts? Before fine-tuning, "a photo of a
+# background" is a prompt it has never seen.
+
+# %%
+before = {p: finetune.sample(pipe, p, n=4, seed=P["seed"]) for p in (P["foreground_prompt"], P["background_prompt"])}
+viz.show_row([(p[:24], im) for p, ims in before.items() for im in ims], rows=2);
+
+# %% [markdown]
+# ## Fine-tune
+# `finetune` writes the fine-tuned pipeline (EMA weights, diffusers layout, safetensors)
+# to `out_dir/finetuned/` and resumes from its last checkpoint when rerun.
+
+# %%
+cfg = finetune.FinetuneConfig(steps=P["finetune_steps"], batch_size=P["finetune_batch_size"],
+                              lr=P["finetune_lr"], object_prompt=P["foreground_prompt"],
+                              background_prompt=P["background_prompt"], seed=P["seed"],
+                              resize_mode=P["resize_mode"])
+result = finetune.finetune(pipe, train, P["out_dir"], cfg)
+for rel, why in result["skipped"]:
+    print("skipped", rel, why)
+
+# %%
+loss = np.array(result["loss"])
+if len(loss):
+    fig, ax = plt.subplots(figsize=(5, 2.2), dpi=72)
+    ax.plot(loss, lw=0.6, alpha=0.5)
+    ax.plot(np.convolve(loss, np.ones(20) / 20, mode="valid"), lw=1.5)
+    ax.set_xlabel("step"); ax.set_ylabel("masked eps-MSE")
+    fig.tight_layout()
+
+# %% check
+import os
+print(f"fine-tuned for {result['steps']} steps on {len(train) - len(result['skipped'])} images; "
+      f"pipeline saved: {os.path.exists(os.path.join(P['out_dir'], 'finetuned', 'model_index.json'))}")
+
+# %% [markdown]
+# ## After fine-tuning
+# The same seeds. "A photo of a background" should now give the mini world's backgrounds
+# without birds; "a photo of a bird" should still give birds.
+
+# %%
+tuned = finetune.load_finetuned(P["out_dir"], P["device"], P["dtype"])
+after = {p: finetune.sample(tuned, p, n=4, seed=P["seed"]) for p in (P["foreground_prompt"], P["background_prompt"])}
+viz.show_row([(p[:24], im) for p, ims in after.items() for im in ims], rows=2);
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Set `finetune_steps = 0`: what does step 4 (notebook 04) make of the untuned model?
+# 2. In `fgbg/finetune.py`, change `p_background` to 1.0 (only background samples). What
+#    happens to "a photo of a bird" after fine-tuning? Why does the paper keep the object
+#    samples?
+# 3. The loss of a background sample ignores the foreground pixels of its box. What would
+#    the model learn if it did not?
