@@ -102,13 +102,17 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def results_table(metrics: dict) -> str:
-    """The course's results on the test split (and the distractor subset)."""
-    from .evaluate import steps12_table
+def results_table(metrics: dict, table2: bool = False) -> str:
+    """The course's results on the test split (and the distractor subset); with
+    ``table2`` also the paper's Table 2 for this run, where steps 3-5 have run."""
+    from .evaluate import TABLE2_ROWS, steps12_table
+    from .evaluate import table2 as paper_table
     lines = []
-    for name, m in (("test split", metrics.get("test", metrics)), ("distractor subset", metrics.get("distractor"))):
-        if m and "prelim" in m:
-            lines += [f"-- {name} ({m.get('n_images', '?')} images)", steps12_table(m), ""]
+    for name, m in (("test split", metrics), ("distractor subset", metrics.get("distractor"))):
+        if m and "step1_auc" in m:
+            lines += [f"-- steps 1-2, {name} ({m.get('n_images', '?')} images)", steps12_table(m), ""]
+    if table2 and any(k in metrics for k in TABLE2_ROWS if k != "prelim"):
+        lines += ["-- Table 2 for this run (test split)", paper_table(metrics), ""]
     return "\n".join(lines)
 
 
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         metrics = run(a.params, overrides, names, a.kernel)
         print(f"\nall notebooks done in {time.time() - t0:.0f} s\n")
-        print(results_table(metrics))
+        print(results_table(metrics, table2=True))
         return 0
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)

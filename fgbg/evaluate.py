@@ -122,7 +122,7 @@ def steps12_table(m: dict) -> str:
         rows.append((f"baseline: {k}", b["auc"], b["iou"], b.get("bird_vs_distractor_auc")))
     for k, c in m.get("controls", {}).items():
         rows.append((f"control: {k}", c["auc"], None, c.get("bird_vs_distractor_auc")))
-    f = lambda x: "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:6.3f}"  # noqa: E731
+    f = lambda x: "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:6.2f}"  # noqa: E731
     lines = [f"{'':24s} {'AUC':>6s} {'IoU':>6s} {'bird>other':>10s}"]
     lines += [f"{name:24s} {f(a)} {f(i)} {f(s):>10s}" for name, a, i, s in rows]
     return "\n".join(lines)

@@ -43,8 +43,9 @@ SCHEMA: dict[str, tuple[tuple, Any, str]] = {
     "fg_bg_guidance": ((float, int), 3.0, "scale s of foreground-vs-background guidance for samples"),
     # step 5: segmentation network
     "seg_size": ((int,), 64, "U-Net input size (the paper: 128)"),
-    "seg_iterations": ((int,), 1500, "U-Net training iterations (the paper: about 12k)"),
-    "seg_batch_size": ((int,), 32, "U-Net batch size (the paper: 32)"),
+    "seg_width": ((int,), 8, "U-Net channels of the first level, doubled per level (4 levels)"),
+    "seg_iterations": ((int,), 600, "U-Net training iterations (the paper: about 12k)"),
+    "seg_batch_size": ((int,), 16, "U-Net batch size (the paper: 32)"),
     "seg_lr": ((float, int), 2e-3, "Adam learning rate of the U-Net (the paper: 2e-3)"),
     "seed": ((int,), 0, "seed of every random draw"),
     "device": ((str,), "auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'"),
@@ -79,7 +80,7 @@ def check(params: dict, source: str = "parameters") -> dict:
                                  f"got {type(value).__name__} {value!r}")
         out[name] = value
     for name in ("rev_diff_steps", "num_inference_steps", "num_repeat_each_diffusion_step", "unet_batch",
-                 "finetune_batch_size", "inpaint_batch_size", "seg_size", "seg_batch_size"):
+                 "finetune_batch_size", "inpaint_batch_size", "seg_size", "seg_batch_size", "seg_width"):
         if out[name] < 1:
             raise ParameterError(f"{source}: parameter {name!r} must be >= 1, got {out[name]}")
     if out["rev_diff_steps"] > out["num_inference_steps"]:

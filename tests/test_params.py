@@ -49,7 +49,10 @@ def test_demo_yaml_equals_the_notebook_defaults():
     import papermill as pm
     import yaml
     demo = yaml.safe_load(open("params/demo.yaml"))
-    for nb in ("notebooks/01_attention.ipynb", "notebooks/02_masks.ipynb"):
+    import glob
+    notebooks = sorted(glob.glob("notebooks/*.ipynb"))
+    assert len(notebooks) == 5
+    for nb in notebooks:
         for name, p in pm.inspect_notebook(nb).items():
             assert name in params.SCHEMA, f"{nb}: parameter {name} not in fgbg.params.SCHEMA"
             assert yaml.safe_load(p["default"].replace("None", "null").replace("True", "true")

@@ -21,8 +21,9 @@ make_mini_world = True
 out_dir = "runs/demo"
 limit = None
 seg_size = 64
-seg_iterations = 1500
-seg_batch_size = 32
+seg_width = 8
+seg_iterations = 600
+seg_batch_size = 16
 seg_lr = 0.002
 seed = 0
 device = "auto"
@@ -52,7 +53,8 @@ nets, losses = {}, {}
 for name, target in (("unet_refined", inpaint.refined_mask_path), ("unet_prelim", masks.prelim_mask_path)):
     nets[name], losses[name] = segmenter.train_segmenter(
         train.items, read(target), size=P["seg_size"], iterations=P["seg_iterations"],
-        batch_size=P["seg_batch_size"], lr=P["seg_lr"], seed=P["seed"], device=P["device"])
+        batch_size=P["seg_batch_size"], lr=P["seg_lr"], seed=P["seed"], device=P["device"],
+        channels=tuple(P["seg_width"] * 2**i for i in range(4)))
     segmenter.save_segmenter(nets[name], f"{P['out_dir']}/segmenter/{name}.safetensors")
 
 fig, ax = plt.subplots(figsize=(5, 2.2), dpi=72)
