@@ -396,12 +396,12 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
                 step += 1
                 ps = per_sample.detach().cpu().numpy()
                 kind = "background" if is_bg.all() else "object" if not is_bg.any() else "mixed"
-                log.write(json.dumps({"step": step, "loss": float(loss), "kind": kind,
+                log.write(json.dumps({"step": step, "loss": loss.item(), "kind": kind,
                                       "object": float(ps[~is_bg].mean()) if (~is_bg).any() else None,
                                       "background": float(ps[is_bg].mean()) if is_bg.any() else None}) + "\n")
                 log.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % config.save_every == 0 or step == config.steps:
                     checkpoint()
             bar.close()
