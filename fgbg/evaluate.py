@@ -178,3 +178,10 @@ def table2(rows: dict[str, dict]) -> str:
         ours = " ".join(pct(rows[k], m) for m in ("acc", "iou", "miou", "dice"))
         lines.append(f"{TABLE2_ROWS.get(k, k):{width}s}  {ours}   {ref}")
     return "\n".join(lines)
+
+
+def saved_masks(path_fn, out_dir):
+    """``item -> bool mask`` reading a per-image mask PNG written by a step
+    (e.g. ``masks.prelim_mask_path``, ``inpaint.refined_mask_path``), checked against the
+    size of the item's image."""
+    return lambda item: read_mask(path_fn(out_dir, item), read_image(item.image_path).shape[:2])

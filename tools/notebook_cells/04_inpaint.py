@@ -88,7 +88,7 @@ viz.browse(test, panels_for)
 
 # %%
 def read(path_fn):
-    return lambda it: data.read_mask(path_fn(P["out_dir"], it), data.read_image(it.image_path).shape[:2])
+    return evaluate.saved_masks(path_fn, P["out_dir"])
 
 rows = {"prelim": segmenter.evaluate_masks(read(masks.prelim_mask_path), test),
         "crop": segmenter.evaluate_masks(read(inpaint.crop_mask_path), test),
@@ -97,7 +97,7 @@ metrics = evaluate.update_metrics(P["out_dir"], {k: {m: v[m] for m in ("acc", "i
                                                  for k, v in rows.items()})
 
 # %% check
-print(evaluate.table2(metrics))
+print(evaluate.table2({k: metrics[k] for k in rows}))  # this notebook's rows only
 
 # %% [markdown]
 # ## Foreground-vs-background guidance

@@ -41,7 +41,7 @@ print(f"train on {len(train)} images, test on {len(test)}")
 
 
 def read(path_fn):
-    return lambda it: data.read_mask(path_fn(P["out_dir"], it), data.read_image(it.image_path).shape[:2])
+    return evaluate.saved_masks(path_fn, P["out_dir"])
 
 # %% [markdown]
 # ## Train on M (and, for comparison, on M_pre)
