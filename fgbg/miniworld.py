@@ -350,9 +350,36 @@ def write_course_dataset(base_dir: str | Path, n_train: int = 64, n_val: int = 8
     return base
 
 
+def write_cub_like(root: str | Path, n_train: int = 4, n_test: int = 4, h: int = 375, w: int = 500,
+                   seed: int = 0) -> Path:
+    """Mini-world bird images in the *official* CUB-200-2011 layout, at CUB's typical size.
+
+    ``root/CUB_200_2011/{images.txt, train_test_split.txt, images/<class>/<name>.jpg}`` and
+    the masks beside it in ``root/segmentations/<class>/<name>.png``, where CUB's separate
+    archive unpacks. For checking the CUB parameters (params/cub_sd14.yaml) end to end
+    without the real dataset. Returns the CUB_200_2011 folder.
+    """
+    root = Path(root)
+    base = root / "CUB_200_2011"
+    rng = np.random.default_rng([seed, 3])  # stream 3: neither the course nor the corpus
+    ids, splits = [], []
+    for i in range(n_train + n_test):
+        scene = random_scene(rng, ["bird"], h, w)
+        img, masks = render(scene, h, w)
+        rel = f"{1 + i % 2:03d}.Mini_{'Bird' if i % 2 else 'Fowl'}/mini_{i:04d}.jpg"
+        (base / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(base / "images" / rel, quality=95)
+        save_png(root / "segmentations" / rel.replace(".jpg", ".png"), masks[0].astype(np.uint8) * 255)
+        ids.append(f"{i + 1} {rel}\n")
+        splits.append(f"{i + 1} {int(i < n_train)}\n")
+    atomic_write_text(base / "images.txt", "".join(ids))
+    atomic_write_text(base / "train_test_split.txt", "".join(splits))
+    return base
+
+
 def corpus_scene(rng: np.random.Generator, size: int = 64) -> Scene:
     """A scene of the teaching model's corpus: 0-3 objects, birds the main class."""
-    n = int(rng.choice([0, 1, 2, 3], p=[0.08, 0.5, 0.3, 0.12]))
+    n = int(rng.choice([0, 1, 2, 3], p=[0.06, 0.44, 0.35, 0.15]))
     classes = [("bird" if rng.random() < 0.5 else str(rng.choice(DISTRACTORS))) for _ in range(n)]
     return random_scene(rng, classes, size, size)
 
@@ -416,6 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--n-distractor", type=int, default=24)
     c.add_argument("--size", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
+    u = sub.add_parser("cub", help="write mini-world birds in the official CUB-200-2011 layout")
+    u.add_argument("root", help="CUB_200_2011/ and segmentations/ are written inside")
+    u.add_argument("--n-train", type=int, default=4)
+    u.add_argument("--n-test", type=int, default=4)
+    u.add_argument("--height", type=int, default=375)
+    u.add_argument("--width", type=int, default=500)
+    u.add_argument("--seed", type=int, default=0)
     k = sub.add_parser("corpus", help="write the teaching model's captioned corpus")
     k.add_argument("out")
     k.add_argument("-n", type=int, default=20000)
@@ -426,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "course":
         write_course_dataset(a.base_dir, a.n_train, a.n_val, a.n_test, a.n_distractor, a.size, a.seed)
         print(f"wrote course dataset to {a.base_dir}")
+    elif a.cmd == "cub":
+        base = write_cub_like(a.root, a.n_train, a.n_test, a.height, a.width, a.seed)
+        print(f"wrote {a.n_train + a.n_test} images in the CUB layout to {base}")
     else:
         write_corpus(a.out, a.n, a.size, a.seed, a.workers)
         print(f"wrote {a.n} captioned images to {a.out}")

@@ -147,16 +147,55 @@ def load_tokenizer(folder: str | Path):
 
 
 # --------------------------------------------------------------------------- captions
-def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5) -> str:
+def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5,
+                     p_omit: float = 0.0) -> str:
     """A caption for one training step: objects in random order, each colour and the
     background named with probability 1/2. Without the dropout "bird" would never stand
-    at position 5 of "a photo of a bird", the course's prompt."""
+    at position 5 of "a photo of a bird", the course's prompt.
+
+    ``p_omit``: each object goes unnamed with this probability (one object always stays
+    named). Real captions rarely name everything in a photo, and a scene with a bird and
+    an unnamed fish, captioned "a photo of a bird", is the only place where training tells
+    the fish's pixels not to attend to "bird": it is the distractor test of the course.
+    """
     from .miniworld import Scene, caption_for
     objs = list(scene.objects)
-    order = rng.permutation(len(objs)) if objs else []
-    shuffled = Scene(scene.background, [objs[i] for i in order], scene.seed)
-    colours = [bool(rng.random() < p_colour) for _ in objs]
-    return caption_for(shuffled, colours, bool(rng.random() < p_background) or not objs)
+    order = list(rng.permutation(len(objs))) if objs else []
+    if p_omit > 0 and len(objs) > 1:
+        keep = [i for i in order if rng.random() >= p_omit]
+        order = keep or [order[0]]
+    shown = Scene(scene.background, [objs[i] for i in order], scene.seed)
+    colours = [bool(rng.random() < p_colour) for _ in shown.objects]
+    return caption_for(shown, colours, bool(rng.random() < p_background) or not objs)
+
+
+class CaptionTokenizer:
+    """Token ids of training captions, assembled word by word from a cache.
+
+    CLIP's BPE splits a text into words before it merges (lower-cased, whitespace
+    collapsed), so the ids of a caption are the ids of its words in order: tokenising
+    each distinct word once gives exactly ``tok(caption, padding="max_length",
+    truncation=True).input_ids`` (tests/test_teaching_model.py checks this) at a fraction
+    of the cost. Calling the tokenizer on every batch was the per-process bottleneck of
+    training on a GPU (about 8 steps/s whatever the batch).
+    """
+
+    def __init__(self, tok, length: int = 77):
+        self.tok, self.length = tok, length
+        self.bos, self.eos, self.pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        self.words: dict[str, list[int]] = {}
+
+    def ids(self, caption: str) -> list[int]:
+        out = [self.bos]
+        for w in caption.lower().split():
+            if w not in self.words:
+                self.words[w] = self.tok(w, add_special_tokens=False).input_ids
+            out += self.words[w]
+        out = out[:self.length - 1] + [self.eos]
+        return out + [self.pad] * (self.length - len(out))
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([self.ids(c) for c in captions], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- training
@@ -167,6 +206,9 @@ def _device_and_dtype(device: str | None):
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator):
+    """Index batches, epoch after epoch, each a sorted draw without replacement."""
+    if not 0 < batch <= n:
+        raise ValueError(f"batch size {batch} needs 1 to {n} (the corpus size) items")
     while True:
         perm = rng.permutation(n)
         for i in range(0, n - batch + 1, batch):
@@ -204,7 +246,7 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     log = open(out / "vae_log.jsonl", "a")
     bar = tqdm(total=steps, initial=step, desc="vae")
     while step < steps:
-        x = torch.from_numpy(np.asarray(imgs[next(it)])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.from_numpy(np.array(imgs[next(it)])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
         if crop and crop < x.shape[-1]:
             i, j = (int(v) for v in rng.integers(0, (x.shape[-1] - crop) // 4 + 1, 2) * 4)
             x = x[..., i:i + crop, j:j + crop]
@@ -238,7 +280,7 @@ def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, de
     means, stds = [], []
     for flip in (False, True):  # mirror images are free extra data: no caption names a side
         for i in range(0, len(imgs), batch):
-            x = torch.from_numpy(np.asarray(imgs[i:i + batch])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = torch.from_numpy(np.array(imgs[i:i + batch])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
             d = vae.encode(x.flip(-1) if flip else x).latent_dist
             means.append(d.mean.half().cpu()); stds.append(d.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)  # item k and k + n are one scene
@@ -263,11 +305,14 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
 def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4,
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
-               save_every: int = 250, threads: int | None = None, p_high: float = 0.7):
+               save_every: int = 250, threads: int | None = None, p_high: float = 0.7, p_omit: float = 0.0,
+               max_minutes: float | None = None):
     """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
 
     The text encoder is a lookup table (zero layers), so training it "jointly" means
-    learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`.
+    learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`;
+    ``p_omit``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
+    checkpoint) when the budget is spent; a rerun resumes.
     """
     from tqdm.auto import tqdm
     from .miniworld import load_corpus
@@ -280,7 +325,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     _, scenes = load_corpus(corpus)
     lat = torch.load(out / "latents.pt")
     mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
-    tok = load_tokenizer(tokenizer_dir or out / "tokenizer")
+    tok = CaptionTokenizer(load_tokenizer(tokenizer_dir or out / "tokenizer"))
     unet, te = build_unet(cfg).to(dev), build_text_encoder(cfg).to(dev)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -300,8 +345,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     t0 = time.time()
     while step < steps:
         idx = next(it)
-        ids = tok([training_caption(scenes[i % len(scenes)], rng) for i in idx], padding="max_length", max_length=77,
-                  truncation=True, return_tensors="pt").input_ids.to(dev)
+        ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit) for i in idx]).to(dev)
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
         t = sample_timesteps(len(idx), gen, dev, p_high)
         eps = torch.randn(z0.shape, generator=gen, device=dev)
@@ -326,9 +370,13 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
             log.write(json.dumps({"step": step, "loss": loss.item(), "sec": round(time.time() - t0, 1)}) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % save_every == 0 or step == steps:
+        out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+        if step % save_every == 0 or step == steps or out_of_time:
             _save_ckpt(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                             "ema": ema, "step": step})
+        if out_of_time:
+            print(f"stopping at step {step}: the {max_minutes}-minute budget is spent (rerun to resume)")
+            break
     bar.close()
     with torch.no_grad():
         for p, e in zip(params, ema):
@@ -366,43 +414,87 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
     return pipe
 
 
+def _config(work: Path, seed: int, unet_channels: str | None) -> TeachingConfig:
+    """The work folder's configuration: written by the first run, read by every later one
+    (resume, export), so a checkpoint is never loaded into a differently shaped model."""
+    f = work / "config.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        cfg = TeachingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        asked = tuple(int(c) for c in unet_channels.split(",")) if unet_channels else cfg.unet_channels
+        if asked != cfg.unet_channels or seed != cfg.seed:
+            raise SystemExit(f"{f} says unet_channels={cfg.unet_channels}, seed={cfg.seed}; this run asks "
+                             f"{asked}, seed={seed}. Use another --work folder for another model.")
+        return cfg
+    cfg = TeachingConfig(seed=seed)
+    if unet_channels:
+        cfg.unet_channels = tuple(int(c) for c in unet_channels.split(","))
+    work.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(asdict(cfg), indent=1))
+    return cfg
+
+
+def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, device: str | None = None,
+            vae_batch: int = 32) -> None:
+    """Corpus, tokenizer files, VAE and the encoded latents: everything the UNet trains on.
+    Each part is skipped when it is already there."""
+    if not (work / "corpus" / "scenes.jsonl").exists():
+        from .miniworld import write_corpus
+        write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)))
+    if not (work / "tokenizer" / "vocab.json").exists():
+        from .models import CLIP_TOKENIZER_DIR  # the shipped copy of the CLIP BPE files
+        (work / "tokenizer").mkdir(parents=True, exist_ok=True)
+        if (CLIP_TOKENIZER_DIR / "vocab.json").exists():
+            for f in ("vocab.json", "merges.txt"):
+                (work / "tokenizer" / f).write_bytes((CLIP_TOKENIZER_DIR / f).read_bytes())
+        else:
+            tokenizer_files_from_open_clip(work / "tokenizer")
+    if not (work / "latents.pt").exists():
+        vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
+        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fgbg.teaching_model", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the teaching model from scratch (resumes when rerun)")
-    t.add_argument("--work", default="data/teaching-train", help="working folder (corpus, checkpoints, logs)")
-    t.add_argument("--corpus-size", type=int, default=12000)
-    t.add_argument("--vae-steps", type=int, default=1500)
+    r = sub.add_parser("prepare", help="only corpus, tokenizer, VAE and latents (the first part of train)")
+    for q in (t, r):
+        q.add_argument("--work", default="data/teaching-train", help="working folder (corpus, checkpoints, logs)")
+        q.add_argument("--corpus-size", type=int, default=12000)
+        q.add_argument("--vae-steps", type=int, default=1500)
+        q.add_argument("--vae-batch", type=int, default=32)
+        q.add_argument("--unet-channels", default=None, help="e.g. 32,64,128 (the default)")
+        q.add_argument("--device", default=None)
+        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=6000, help="UNet steps")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--ema", type=float, default=0.998)
-    t.add_argument("--device", default=None)
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--p-omit", type=float, default=0.3, help="chance that a caption leaves an object unnamed")
+    t.add_argument("--p-high", type=float, default=0.7, help="chance of a timestep from [200, 1000)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
     e = sub.add_parser("export", help="write the pipeline of the latest checkpoint (EMA weights)")
     e.add_argument("--work", default="data/teaching-train")
     e.add_argument("--save-to", required=True)
     a = p.parse_args(argv)
     if a.cmd == "export":
-        assemble_pipeline(a.work, save_to=a.save_to)
+        f = Path(a.work) / "config.json"
+        cfg = _config(Path(a.work), json.loads(f.read_text())["seed"], None) if f.exists() else TeachingConfig()
+        assemble_pipeline(a.work, cfg, save_to=a.save_to)
         print(f"wrote {a.save_to}")
         return
-    cfg = TeachingConfig(seed=a.seed)
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    cfg = _config(work, a.seed, a.unet_channels)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not (work / "corpus" / "scenes.jsonl").exists():
-        from .miniworld import write_corpus
-        write_corpus(work / "corpus", a.corpus_size, cfg.image_size, a.seed, workers=max(1, (os.cpu_count() or 1)))
-    if not (work / "tokenizer" / "vocab.json").exists():
-        tokenizer_files_from_open_clip(work / "tokenizer")
-    if not (work / "latents.pt").exists():
-        vae = train_vae(work / "corpus", work, a.vae_steps, cfg=cfg, device=a.device)
-        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=a.device))
-    train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device)
+    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch)
+    if a.cmd == "prepare":
+        return
+    train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,
+               p_high=a.p_high, p_omit=a.p_omit, max_minutes=a.max_minutes)
     assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
 
 

@@ -53,3 +53,17 @@ def test_corpus_is_sliceable_and_disjoint_from_course():
     course_rng = np.random.default_rng([0, 1])
     course_scene = mw.random_scene(course_rng, ["bird"])
     assert all(s.seed != course_scene.seed for s in scenes)
+
+
+def test_cub_like_dataset_loads_as_official_cub(tmp_path):
+    from fgbg.data import load_dataset, read_image, read_mask
+    from fgbg.miniworld import write_cub_like
+    base = write_cub_like(tmp_path, n_train=2, n_test=3, h=30, w=40)
+    test = load_dataset(base, "test")
+    assert test.layout == "cub" and len(test) == 3 and len(load_dataset(base, "train")) == 2
+    for it in test:
+        img, gt = read_image(it.image_path), read_mask(it.gt_path)
+        assert img.shape == (30, 40, 3) and gt.shape == (30, 40)
+        assert it.gt_path.parent.parent == tmp_path / "segmentations"
+        # one visible bird: at least 20 pixels, not the whole image
+        assert 20 <= gt.sum() < gt.size

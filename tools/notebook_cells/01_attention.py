@@ -65,6 +65,24 @@ canvas = models.canvas_size(pipe)
 print(f"model: {P['model']} on {pipe.device} ({pipe.unet.dtype}), canvas {canvas}x{canvas}")
 
 # %% [markdown]
+# ## What the model draws
+#
+# Before we read its attention, look at what the model *generates*. Each row is one prompt,
+# sampled with 50 DDIM steps and classifier-free guidance (scale 4, against the prompt
+# "a photo of"). The teaching model is small and coarse: colours and backgrounds follow
+# the prompt, but its birds are blobs. What this course needs from it is not beauty but
+# the attention maps below.
+
+# %%
+from fgbg.finetune import sample
+
+prompts = [P["foreground_prompt"], "a photo of a red bird on grass", "a photo of a blue fish on water"]
+pipe.set_progress_bar_config(disable=True)
+samples = {p: sample(pipe, p, 6, P["num_inference_steps"], seed=P["seed"], guidance_scale=4.0,
+                     negative_prompt="a photo of") for p in prompts}
+viz.show_row([(p[11:35], im) for p, ims in samples.items() for im in ims], rows=len(prompts));
+
+# %% [markdown]
 # ## The prompt and its tokens
 #
 # CLIP's tokenizer puts `<|startoftext|>` at position 0, then one or more tokens per word,

@@ -1,0 +1,73 @@
+"""The teaching model's training code: captions, their token ids, and a few real steps."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fgbg import teaching_model as tm
+from fgbg.miniworld import Obj, Scene
+from fgbg.models import CLIP_TOKENIZER_DIR, load_pipeline
+
+
+def _scene(*classes, background="grass"):
+    objs = [Obj(c, "red", 20 + 10 * i, 30, 20, 0.0, False, 0) for i, c in enumerate(classes)]
+    return Scene(background, objs, 0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tm.load_tokenizer(CLIP_TOKENIZER_DIR)
+
+
+def test_caption_names_every_object_without_omission():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c = tm.training_caption(_scene("bird", "fish", "car"), rng, p_omit=0.0)
+        assert all(w in c.split() for w in ("bird", "fish", "car")), c
+
+
+def test_caption_omission_keeps_one_object_and_drops_some():
+    rng = np.random.default_rng(1)
+    counts = []
+    for _ in range(400):
+        c = tm.training_caption(_scene("bird", "fish"), rng, p_omit=0.5).split()
+        counts.append(("bird" in c) + ("fish" in c))
+    counts = np.array(counts)
+    assert counts.min() == 1 and counts.max() == 2
+    # both named with probability 1/4; otherwise exactly one
+    assert 0.15 < (counts == 2).mean() < 0.35
+    # a single object is never dropped
+    assert all("bird" in tm.training_caption(_scene("bird"), rng, p_omit=0.9) for _ in range(50))
+
+
+def test_caption_tokenizer_equals_the_tokenizer(tok):
+    fast = tm.CaptionTokenizer(tok)
+    rng = np.random.default_rng(2)
+    caps = [tm.training_caption(_scene(*rng.choice(["bird", "fish", "flower", "house"], int(rng.integers(0, 4))),
+                                       background=str(rng.choice(["sky", "brick", "forest"]))), rng, p_omit=0.3)
+            for _ in range(100)]
+    caps += ["a photo of a bird", "A  photo of an orange bird by a brick wall", " ".join(["bird"] * 100)]
+    want = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    torch.testing.assert_close(fast(caps), want, rtol=0, atol=0)
+
+
+def test_train_a_few_steps_resume_and_export(tmp_path):
+    work = tmp_path / "work"
+    args = ["--work", str(work), "--corpus-size", "12", "--vae-steps", "2", "--vae-batch", "4", "--threads", "1"]
+    tm.main(["train", *args, "--steps", "2", "--batch", "4"])
+    log = [json.loads(line) for line in (work / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2] and np.isfinite(log[0]["loss"])
+    assert torch.load(work / "unet_ckpt.pt")["step"] == 2
+    # rerun with more steps: resumes from step 2, does not start again
+    tm.main(["train", *args, "--steps", "3", "--batch", "4"])
+    log = [json.loads(line) for line in (work / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3]
+    # another shape in the same work folder is refused, not silently loaded
+    with pytest.raises(SystemExit, match="unet_channels"):
+        tm.main(["train", *args, "--steps", "3", "--unet-channels", "32,32,64"])
+    pipe = load_pipeline(str(work / "pipeline"), device="cpu")
+    assert pipe.unet.config.block_out_channels == list(tm.TeachingConfig().unet_channels) or \
+        tuple(pipe.unet.config.block_out_channels) == tm.TeachingConfig().unet_channels
+    assert pipe.text_encoder.config.num_hidden_layers == 0
+    assert json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())["unet_steps"] == 3
