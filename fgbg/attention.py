@@ -350,15 +350,21 @@ def save_attention_maps(pipe, dataset, out_dir, prompt: str = "a photo of a bird
     image's placement. Resumable; bad images are skipped and reported (StepReport)."""
     from .data import load_item
     from .io import atomic_write_bytes
-    from .models import canvas_size
-    from .runs import for_each_item
+    from .models import canvas_size, model_fingerprint
+    from .runs import check_run_config, for_each_item
     import io as _io
+    from pathlib import Path
     if extractor not in EXTRACTORS:
         raise ValueError(f"parameter `extractor`: unknown {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     tok = find_token_indices(pipe.tokenizer, prompt, object_word)
     extra = {w: find_token_indices(pipe.tokenizer, prompt, w) for w in extra_words}
     canvas = canvas_size(pipe)
     dtype = pipe.unet.dtype
+    check_run_config(Path(out_dir) / subdir, dict(
+        model=model_fingerprint(pipe), prompt=prompt, object_word=object_word, extractor=extractor, steps=steps,
+        rev_diff_steps=rev_diff_steps, num_inference_steps=num_inference_steps,
+        num_repeat_each_diffusion_step=num_repeat_each_diffusion_step, extra_words=list(extra_words), seed=seed,
+        resize_mode=resize_mode), overwrite=overwrite)
 
     def work(item):
         x, pl, _ = load_item(item, canvas=canvas, mode=resize_mode)

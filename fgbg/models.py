@@ -138,3 +138,18 @@ def random_pipeline(kind: str = "tiny", seed: int = 0, device: str | None = "cpu
 def canvas_size(pipe) -> int:
     """The image size the pipeline's UNet was trained at (512 for SD v1.x, 64 for the teaching model)."""
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def model_fingerprint(pipe) -> str:
+    """A short hash of the weights that shape the attention maps (UNet, text encoder, VAE
+    encoder) and their dtype: two pipelines with equal fingerprints give the same maps.
+    Used to refuse reusing step-1 outputs that another model wrote."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae", pipe.vae)):
+        for pname, prm in module.named_parameters():
+            x = prm.detach().double()
+            h.update(f"{name}.{pname}:{tuple(x.shape)}:{prm.dtype}:{x.sum().item():.10e}:"
+                     f"{x.square().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]

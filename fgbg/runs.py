@@ -16,6 +16,35 @@ from typing import Any
 from .data import DatasetError, Item
 
 
+class RunConfigError(ValueError):
+    """Outputs in a folder were made with other settings than this run's."""
+
+
+def check_run_config(folder: str | Path, config: dict, overwrite: bool = False) -> None:
+    """Refuse to mix outputs of different settings in one folder.
+
+    The first run writes ``<folder>/run_config.json``; a later run with a different
+    ``config`` (another model, prompt, seed, ...) raises :class:`RunConfigError` naming the
+    differences, because skipping "finished" images would silently reuse the other
+    run's results. ``overwrite=True`` recomputes everything and records the new config.
+    """
+    import json
+
+    from .io import atomic_write_text
+    path = Path(folder) / "run_config.json"
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            raise RunConfigError(
+                f"{path}: these outputs were made with other settings ("
+                + "; ".join(f"{k}: {old.get(k)!r} then, {config.get(k)!r} now" for k in diff)
+                + "). Use a new out_dir, delete the folder, or pass overwrite=True.")
+        return
+    atomic_write_text(path, json.dumps(config, indent=1))
+
+
 @dataclass
 class StepReport:
     step: str

@@ -33,6 +33,28 @@ def test_outputs_mirror_the_dataset_and_rerun_skips(tiny_pipe, mini_dataset, tmp
     assert m.shape == (64, 64) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
 
 
+def test_outputs_of_another_model_or_setting_are_not_reused(tiny_pipe, mini_dataset, tmp_path):
+    import copy
+
+    import torch
+
+    from fgbg.runs import RunConfigError
+    ds = load_dataset(mini_dataset, splits=["test"])
+    out = tmp_path / "out"
+    _run(tiny_pipe, ds, out)
+    with pytest.raises(RunConfigError, match=r"seed: 0 then, 1 now"):
+        attention.save_attention_maps(tiny_pipe, ds, out, rev_diff_steps=3, seed=1, progress=False)
+    other = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)
+    with pytest.raises(RunConfigError, match="model:"):
+        _run(other, ds, out)
+    # the same model again is fine (and reuses); overwrite=True recomputes with the new one
+    assert len(_run(tiny_pipe, ds, out).reused) == len(ds)
+    assert len(_run(other, ds, out, overwrite=True).done) == len(ds)
+    assert len(_run(other, ds, out).reused) == len(ds)
+
+
 def test_same_seed_same_maps_whatever_the_order(tiny_pipe, mini_dataset, tmp_path):
     ds = load_dataset(mini_dataset, splits=["test"])
     _run(tiny_pipe, ds, tmp_path / "a")

@@ -77,7 +77,9 @@ def main() -> int:
     if a.execute:
         import os
         import papermill as pm
+        import shutil
         run_dir = ROOT / "runs" / "build"
+        shutil.rmtree(run_dir, ignore_errors=True)  # never reuse outputs of an earlier model or code
         os.environ["FGBG_OUT_DIR"] = str(run_dir)
         for path in paths:
             out = run_dir / "notebooks" / path.name
