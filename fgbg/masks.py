@@ -175,11 +175,21 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
     """Step 2 over a dataset: M_pre of every image whose step-1 map exists, computed on the
     latent grid (GMM fitted on the cells that hold the image), then mapped back to the
     original pixel grid and written as an 8-bit PNG (0/255) to
-    ``<out_dir>/masks/prelim/<same relative path>.png``. Returns a StepReport."""
+    ``<out_dir>/masks/prelim/<same relative path>.png``. Returns a StepReport.
+
+    The masks' ``run_config.json`` records the step-1 settings they were made from, so a
+    rerun after step 1 was redone with another model or setting is refused, not skipped."""
+    import json
+    from pathlib import Path
+
     from .attention import load_attention
     from .data import valid_region, map_back
     from .io import save_png
-    from .runs import for_each_item
+    from .runs import check_run_config, for_each_item
+
+    step1 = Path(out_dir) / attention_subdir / "run_config.json"
+    check_run_config(Path(out_dir) / "masks" / "prelim", {
+        "step1": json.loads(step1.read_text()) if step1.exists() else None, "seed": seed}, overwrite=overwrite)
 
     def work(item):
         amap, pl = load_attention(out_dir, item, attention_subdir)

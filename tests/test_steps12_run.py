@@ -55,6 +55,20 @@ def test_outputs_of_another_model_or_setting_are_not_reused(tiny_pipe, mini_data
     assert len(_run(other, ds, out).reused) == len(ds)
 
 
+def test_masks_of_an_earlier_step1_are_not_reused(tiny_pipe, mini_dataset, tmp_path):
+    from fgbg.runs import RunConfigError
+    ds = load_dataset(mini_dataset, splits=["test"])
+    out = tmp_path / "out"
+    _run(tiny_pipe, ds, out)
+    assert len(masks.preliminary_masks(ds, out, progress=False).done) == len(ds)
+    assert len(masks.preliminary_masks(ds, out, progress=False).reused) == len(ds)
+    # step 1 redone with another seed: the old M_pre no longer belong to these maps
+    attention.save_attention_maps(tiny_pipe, ds, out, rev_diff_steps=3, seed=1, overwrite=True, progress=False)
+    with pytest.raises(RunConfigError, match="step1"):
+        masks.preliminary_masks(ds, out, progress=False)
+    assert len(masks.preliminary_masks(ds, out, overwrite=True, progress=False).done) == len(ds)
+
+
 def test_same_seed_same_maps_whatever_the_order(tiny_pipe, mini_dataset, tmp_path):
     ds = load_dataset(mini_dataset, splits=["test"])
     _run(tiny_pipe, ds, tmp_path / "a")
