@@ -142,8 +142,8 @@ def canvas_size(pipe) -> int:
 
 @torch.no_grad()
 def model_fingerprint(pipe) -> str:
-    """A short hash of the weights that shape the attention maps (UNet, text encoder, VAE
-    encoder) and their dtype: two pipelines with equal fingerprints give the same maps.
+    """A short hash of the weights that shape the attention maps (UNet, text encoder, VAE)
+    and their dtype: two pipelines with equal fingerprints give the same maps.
     Used to refuse reusing step-1 outputs that another model wrote."""
     import hashlib
     h = hashlib.sha1()

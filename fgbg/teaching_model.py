@@ -176,8 +176,8 @@ class CaptionTokenizer:
     collapsed), so the ids of a caption are the ids of its words in order: tokenising
     each distinct word once gives exactly ``tok(caption, padding="max_length",
     truncation=True).input_ids`` (tests/test_teaching_model.py checks this) at a fraction
-    of the cost. Calling the tokenizer on every batch was the per-process bottleneck of
-    training on a GPU (about 8 steps/s whatever the batch).
+    of the cost: the tokenizer call took 66 ms per 512 captions on a 2-core CPU, on every
+    step, in the process that drives the GPU.
     """
 
     def __init__(self, tok, length: int = 77):
