@@ -179,17 +179,15 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
 
     The masks' ``run_config.json`` records the step-1 settings they were made from, so a
     rerun after step 1 was redone with another model or setting is refused, not skipped."""
-    import json
     from pathlib import Path
 
     from .attention import load_attention
     from .data import valid_region, map_back
     from .io import save_png
-    from .runs import check_run_config, for_each_item
+    from .runs import check_run_config, for_each_item, read_run_config
 
-    step1 = Path(out_dir) / attention_subdir / "run_config.json"
-    check_run_config(Path(out_dir) / "masks" / "prelim", {
-        "step1": json.loads(step1.read_text()) if step1.exists() else None, "seed": seed}, overwrite=overwrite)
+    check_run_config(Path(out_dir) / "masks" / "prelim",
+                     {"step1": read_run_config(Path(out_dir) / attention_subdir), "seed": seed}, overwrite=overwrite)
 
     def work(item):
         amap, pl = load_attention(out_dir, item, attention_subdir)

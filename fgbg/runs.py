@@ -20,6 +20,16 @@ class RunConfigError(ValueError):
     """Outputs in a folder were made with other settings than this run's."""
 
 
+RUN_CONFIG = "run_config.json"
+
+
+def read_run_config(folder: str | Path) -> dict | None:
+    """The settings recorded by :func:`check_run_config` in ``folder``, or None."""
+    import json
+    path = Path(folder) / RUN_CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_run_config(folder: str | Path, config: dict, overwrite: bool = False) -> None:
     """Refuse to mix outputs of different settings in one folder.
 
@@ -31,10 +41,10 @@ def check_run_config(folder: str | Path, config: dict, overwrite: bool = False) 
     import json
 
     from .io import atomic_write_text
-    path = Path(folder) / "run_config.json"
+    path = Path(folder) / RUN_CONFIG
     config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
-    if path.exists() and not overwrite:
-        old = json.loads(path.read_text())
+    old = None if overwrite else read_run_config(folder)
+    if old is not None:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
             raise RunConfigError(

@@ -414,19 +414,21 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
     return pipe
 
 
-def _config(work: Path, seed: int, unet_channels: str | None) -> TeachingConfig:
+def _config(work: Path, seed: int | None, unet_channels: str | None) -> TeachingConfig:
     """The work folder's configuration: written by the first run, read by every later one
-    (resume, export), so a checkpoint is never loaded into a differently shaped model."""
+    (resume, export), so a checkpoint is never loaded into a differently shaped model.
+    ``seed``/``unet_channels`` None: whatever the folder records."""
     f = work / "config.json"
     if f.exists():
         d = json.loads(f.read_text())
         cfg = TeachingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         asked = tuple(int(c) for c in unet_channels.split(",")) if unet_channels else cfg.unet_channels
+        seed = cfg.seed if seed is None else seed
         if asked != cfg.unet_channels or seed != cfg.seed:
             raise SystemExit(f"{f} says unet_channels={cfg.unet_channels}, seed={cfg.seed}; this run asks "
                              f"{asked}, seed={seed}. Use another --work folder for another model.")
         return cfg
-    cfg = TeachingConfig(seed=seed)
+    cfg = TeachingConfig(seed=0 if seed is None else seed)
     if unet_channels:
         cfg.unet_channels = tuple(int(c) for c in unet_channels.split(","))
     work.mkdir(parents=True, exist_ok=True)
@@ -482,8 +484,8 @@ def main(argv=None):
     e.add_argument("--save-to", required=True)
     a = p.parse_args(argv)
     if a.cmd == "export":
-        f = Path(a.work) / "config.json"
-        cfg = _config(Path(a.work), json.loads(f.read_text())["seed"], None) if f.exists() else TeachingConfig()
+        work = Path(a.work)
+        cfg = _config(work, None, None) if (work / "config.json").exists() else TeachingConfig()
         assemble_pipeline(a.work, cfg, save_to=a.save_to)
         print(f"wrote {a.save_to}")
         return
