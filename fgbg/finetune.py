@@ -268,6 +268,9 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     loaded and ``pipe`` is left as it is: load the result with :func:`load_finetuned`.
     Otherwise a ``checkpoint.pt`` of the same config is resumed from its step (a different
     config or item list raises ValueError: delete the folder or use another ``out_dir``).
+    "Config" here includes a fingerprint of ``pipe``'s weights (``base_model``) and the M_pre
+    run recorded by step 2 (``m_pre_run``): a finished run of another model or of other
+    masks is refused, never silently reused.
 
     After training, ``pipe.unet`` holds the EMA weights, in its original dtype, in eval
     mode with gradients off (also if training stops with an error, minus the EMA copy).
@@ -279,10 +282,15 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     from tqdm.auto import tqdm
     from .attention import encode_prompt
     from .io import atomic_write_text
+    from .masks import prelim_dir
+    from .models import model_fingerprint
+    from .runs import read_run_config
 
     config = config or FinetuneConfig()
     config.check()
-    cfg = asdict(config)
+    # what the result depends on besides the config: the base weights and the M_pre run
+    cfg = dict(asdict(config), base_model=model_fingerprint(pipe),
+               m_pre_run=read_run_config(prelim_dir(out_dir)))
     fin = finetuned_dir(out_dir)
     done_path, ckpt_path, loss_path = fin / "done.json", fin / "checkpoint.pt", fin / "loss.jsonl"
 
@@ -299,7 +307,7 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     data, skipped = _prepare(pipe, items, out_dir, config, progress)
     if not data:
         raise ValueError(f"step 3: no usable training item in {out_dir} (need the images and their M_pre "
-                         f"under {Path(out_dir) / 'masks' / 'prelim'}; {len(skipped)} skipped)")
+                         f"under {prelim_dir(out_dir)}; {len(skipped)} skipped)")
     rels = [d[0] for d in data]
 
     unet, dev = pipe.unet, pipe.unet.device

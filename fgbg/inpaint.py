@@ -45,9 +45,9 @@ import torch
 from .attention import encode_images, encode_prompt, seed_for
 from .data import DatasetError, Item, Placement, load_item, map_back, place_mask, read_mask, valid_region
 from .io import save_npy, save_png
-from .masks import fill_and_close, prelim_mask_path, refined_mask
-from .models import canvas_size
-from .runs import StepReport, for_each_batch
+from .masks import fill_and_close, prelim_dir, prelim_mask_path, refined_mask
+from .models import canvas_size, model_fingerprint
+from .runs import StepReport, check_run_config, for_each_batch, read_run_config
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -300,10 +300,18 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
     image changed since step 2). Recorded as notes, outputs still written: an empty M_pre
     (nothing to inpaint: inpainted = original, D = 0, M empty) and an M_pre covering the
     whole image (no known region to blend: the image is generated from scratch).
+
+    ``out_dir/inpaint/run_config.json`` records the settings, a fingerprint of ``pipe``'s
+    weights and the M_pre run they start from; a rerun with other ones raises
+    :class:`fgbg.runs.RunConfigError` instead of silently reusing the finished images.
     """
     canvas = canvas_size(pipe)
     grid = canvas // pipe.vae_scale_factor
     out_dir = Path(out_dir)
+    check_run_config(out_dir / "inpaint", dict(
+        model=model_fingerprint(pipe), prompt=prompt, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, seed=seed, resize_mode=resize_mode, close_and_fill=close_and_fill,
+        crop=crop, m_pre=read_run_config(prelim_dir(out_dir))), overwrite=overwrite)
 
     def outputs(item: Item) -> list[Path]:
         paths = [inpainted_path(out_dir, item), diff_path(out_dir, item), diff_path(out_dir, item, ".png"),

@@ -165,9 +165,14 @@ def upsample_mask(mask, shape) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- datasets
-def prelim_mask_path(out_dir, item):
+def prelim_dir(out_dir):
+    """The folder of step 2's outputs (M_pre PNGs and their run_config.json)."""
     from pathlib import Path
-    return Path(out_dir) / "masks" / "prelim" / f"{item.key}.png"
+    return Path(out_dir) / "masks" / "prelim"
+
+
+def prelim_mask_path(out_dir, item):
+    return prelim_dir(out_dir) / f"{item.key}.png"
 
 
 def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", seed: int = 0,
@@ -186,7 +191,7 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
     from .io import save_png
     from .runs import check_run_config, for_each_item, read_run_config
 
-    check_run_config(Path(out_dir) / "masks" / "prelim",
+    check_run_config(prelim_dir(out_dir),
                      {"step1": read_run_config(Path(out_dir) / attention_subdir), "seed": seed}, overwrite=overwrite)
 
     def work(item):

@@ -194,6 +194,24 @@ def test_finetune_files_weights_resume_and_skip(tiny_pipe, train_items, tmp_path
                     progress=False)
 
 
+def test_finished_run_of_another_base_model_or_m_pre_is_refused(tiny_pipe, train_items, tmp_path):
+    from fgbg.io import atomic_write_text
+    from fgbg.masks import prelim_dir
+    items, out = train_items
+    atomic_write_text(prelim_dir(out) / "run_config.json", '{"seed": 0}')
+    cfg = ft.FinetuneConfig(steps=1, batch_size=2, seed=3)
+    ft.finetune(copy.deepcopy(tiny_pipe), items, out, cfg, progress=False)
+    assert ft.finetune(copy.deepcopy(tiny_pipe), items, out, cfg, progress=False)["reused"]
+    other = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="another config.*base_model"):
+        ft.finetune(other, items, out, cfg, progress=False)
+    atomic_write_text(prelim_dir(out) / "run_config.json", '{"seed": 1}')
+    with pytest.raises(ValueError, match="another config.*m_pre_run"):
+        ft.finetune(copy.deepcopy(tiny_pipe), items, out, cfg, progress=False)
+
+
 def test_finetune_without_usable_items(tiny_pipe, mini_dataset, tmp_path):
     ds = load_dataset(mini_dataset, splits=["train"])
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):

@@ -1,4 +1,6 @@
 """Step 4: latent blending, D, refined masks, the M_crop baseline, the dataset run, fg-vs-bg sampling."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -284,6 +286,32 @@ def test_dataset_run(tiny_pipe, mini_dataset, tmp_path):
             a = read_image(inpaint.inpainted_path(out, it)).astype(int)
             b = read_image(inpaint.inpainted_path(other, it)).astype(int)
             assert np.abs(a - b).max() <= 1
+
+
+def test_outputs_of_another_model_setting_or_m_pre_are_not_reused(tiny_pipe, mini_dataset, tmp_path):
+    from fgbg.io import atomic_write_text
+    from fgbg.masks import prelim_dir
+    from fgbg.runs import RunConfigError
+    ds = load_dataset(mini_dataset, splits=["test"])
+    out = tmp_path / "out"
+    for it in ds:
+        save_png(prelim_mask_path(out, it), read_mask(it.gt_path).astype(np.uint8) * 255)
+    atomic_write_text(prelim_dir(out) / "run_config.json", '{"seed": 0}')
+    first = _run(tiny_pipe, ds, out)
+    assert len(first.done) == len(ds)
+    assert len(_run(tiny_pipe, ds, out).reused) == len(ds)  # same settings: reused
+    with pytest.raises(RunConfigError, match=r"seed: 0 then, 1 now"):
+        _run(tiny_pipe, ds, out, seed=1)
+    other = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    with pytest.raises(RunConfigError, match="model:"):
+        _run(other, ds, out)
+    # M_pre remade by another step-2 run: the inpainting of the old masks is stale
+    atomic_write_text(prelim_dir(out) / "run_config.json", '{"seed": 1}')
+    with pytest.raises(RunConfigError, match="m_pre:"):
+        _run(tiny_pipe, ds, out)
+    assert len(_run(tiny_pipe, ds, out, overwrite=True).done) == len(ds)  # overwrite recomputes and records
 
 
 # --------------------------------------------------------------------------- fg-vs-bg sampling
