@@ -80,7 +80,7 @@ def main():
     measure(f"step 5: segmenter {P['seg_size']}px, batch {P['seg_batch_size']}", lambda: segmenter.train_segmenter(
         train, saved_masks(inpaint.refined_mask_path, out), size=P["seg_size"], iterations=a.seg_iterations,
         batch_size=P["seg_batch_size"], lr=P["seg_lr"], seed=P["seed"], device=a.device, progress=False,
-        channels=tuple(P["seg_width"] * 2 ** i for i in range(4))))
+        channels=segmenter.channels_for_width(P["seg_width"])))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

@@ -20,13 +20,15 @@ object; where the picture changed a lot, the object was.
    at full resolution.
 3. **Refined mask** (:func:`refine_mask`)::
 
-       M = M_pre AND majority3x3(D > gmm_midpoint_threshold(D))
+       M = up(M_pre) AND majority3x3(D > gmm_midpoint_threshold(D))
 
    (``fgbg.masks.refined_mask``), optionally followed by a binary closing and hole filling.
-   Here M_pre is the step-2 PNG, already in the original pixel grid, where it was mapped
-   from the latent grid by nearest neighbour: an exact block upsampling. The reference
-   upsamples the boolean latent mask *bilinearly* instead, which dilates it by about half
-   a latent cell (4 pixels for SD); fgbg's M is therefore never larger than M_pre.
+   up(M_pre) (:func:`upsampled_m_pre`) brings the latent-grid M_pre to the image's pixels.
+   By default as the reference does: *bilinear* interpolation of the boolean latent mask,
+   every pixel with a value above 0 kept, which dilates M_pre by up to half a latent cell
+   (4 pixels for SD, 2 in the mini world), so M can recover a rim of object the coarse
+   mask cut off. ``m_pre_upsampling="nearest"`` uses the exact block upsampling instead
+   (the step-2 PNG itself): then M is never larger than M_pre.
 4. **The M_crop baseline** of the paper (:func:`crop_baseline`): instead of inpainting, the
    bounding box of M_pre is filled with a mirror image of the largest background strip
    beside it; D and the mask then follow exactly as for inpainting.
@@ -173,14 +175,32 @@ def difference_image(x: torch.Tensor | np.ndarray, x_inpainted: torch.Tensor | n
     return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=2)
 
 
-def refine_mask(m_pre: np.ndarray, diff: np.ndarray, seed: int = 0, close_and_fill: bool = False) -> np.ndarray:
-    """The refined mask M = M_pre AND majority3x3(D > GMM-midpoint(D)), bool (H, W).
+UPSAMPLINGS = ("bilinear", "nearest")
 
-    ``m_pre`` is M_pre in the original grid (the step-2 PNG: block upsampling of the latent
-    mask, not the reference's dilating bilinear one), ``diff`` is D on the same grid,
-    ``seed`` the GMM's random state. ``close_and_fill`` (opt-in, not the reference): then a
-    3x3 closing and hole filling (``fgbg.masks.fill_and_close``), which may add pixels
-    outside M_pre; without it M is always a subset of M_pre.
+
+def upsampled_m_pre(m_lat: np.ndarray, placement: Placement, mode: str = "bilinear") -> np.ndarray:
+    """M_pre from the latent grid (``m_lat``, bool (h, w) over the canvas) on the original
+    image's pixels, bool (H, W), as step 4 intersects it with the thresholded D.
+
+    ``"bilinear"`` (the reference): linear interpolation of the 0/1 latent mask between
+    cell centres at each pixel centre, kept where above 0: M_pre dilated by up to half a
+    latent cell. ``"nearest"``: the cell each pixel centre falls in, an exact block
+    upsampling (the step-2 PNG).
+    """
+    if mode == "nearest":
+        return map_back(np.asarray(m_lat, bool), placement, "nearest")
+    if mode == "bilinear":
+        return map_back(np.asarray(m_lat, np.float32), placement, "bilinear") > 0
+    raise ValueError(f"m_pre_upsampling: expected one of {UPSAMPLINGS}, got {mode!r}")
+
+
+def refine_mask(m_pre: np.ndarray, diff: np.ndarray, seed: int = 0, close_and_fill: bool = False) -> np.ndarray:
+    """The refined mask M = m_pre AND majority3x3(D > GMM-midpoint(D)), bool (H, W).
+
+    ``m_pre`` is M_pre upsampled to the original grid (:func:`upsampled_m_pre`), ``diff``
+    is D on the same grid, ``seed`` the GMM's random state. ``close_and_fill`` (opt-in, not
+    the reference): then a 3x3 closing and hole filling (``fgbg.masks.fill_and_close``),
+    which may add pixels outside ``m_pre``; without it M is always a subset of ``m_pre``.
     """
     m = refined_mask(m_pre, diff, seed)
     return fill_and_close(m) if close_and_fill else m
@@ -282,7 +302,8 @@ class _Loaded:
 def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUND_PROMPT,
                        num_inference_steps: int = 50, guidance_scale: float = 1.0, batch_size: int = 16,
                        seed: int = 0, resize_mode: str = "pad", close_and_fill: bool = False, crop: bool = True,
-                       overwrite: bool = False, progress: bool = True) -> StepReport:
+                       m_pre_upsampling: str = "bilinear", overwrite: bool = False,
+                       progress: bool = True) -> StepReport:
     """Step 4 over a dataset: inpaint each image's M_pre region, D, M (and M_crop).
 
     Needs the M_pre PNGs of step 2 (``masks.prelim_mask_path``). Writes, atomically, in the
@@ -293,6 +314,9 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
       ``out_dir/diff/<key>.png``     D rounded to uint8, for viewing;
     * ``out_dir/masks/refined/<key>.png``  M (0/255);
     * ``out_dir/masks/crop/<key>.png``     M_crop (0/255), with ``crop=True``.
+
+    M and M_crop intersect with M_pre upsampled by ``m_pre_upsampling``
+    (:func:`upsampled_m_pre`; default the reference's dilating "bilinear").
 
     Image k's noise comes from its own generator seeded ``seed_for(seed, key)``: results do
     not depend on ``batch_size``, order or resuming. Skipped (reported, never fatal): an
@@ -305,13 +329,16 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
     weights and the M_pre run they start from; a rerun with other ones raises
     :class:`fgbg.runs.RunConfigError` instead of silently reusing the finished images.
     """
+    if m_pre_upsampling not in UPSAMPLINGS:
+        raise ValueError(f"m_pre_upsampling: expected one of {UPSAMPLINGS}, got {m_pre_upsampling!r}")
     canvas = canvas_size(pipe)
     grid = canvas // pipe.vae_scale_factor
     out_dir = Path(out_dir)
     check_run_config(out_dir / "inpaint", dict(
         model=model_fingerprint(pipe), prompt=prompt, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, seed=seed, resize_mode=resize_mode, close_and_fill=close_and_fill,
-        crop=crop, m_pre=read_run_config(prelim_dir(out_dir))), overwrite=overwrite)
+        crop=crop, m_pre_upsampling=m_pre_upsampling, m_pre=read_run_config(prelim_dir(out_dir))),
+        overwrite=overwrite)
 
     def outputs(item: Item) -> list[Path]:
         paths = [inpainted_path(out_dir, item), diff_path(out_dir, item), diff_path(out_dir, item, ".png"),
@@ -353,13 +380,14 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
             if b.m_lat[:vr, :vc].all():
                 note = "M_pre covers the whole image: no known region to blend, the background is generated from scratch"
         d = difference_image(b.img, inpainted)
-        m = refine_mask(b.m_pre, d, seed, close_and_fill)
+        m_up = upsampled_m_pre(b.m_lat, b.placement, m_pre_upsampling)
+        m = refine_mask(m_up, d, seed, close_and_fill)
         save_png(inpainted_path(out_dir, item), inpainted)
         save_npy(diff_path(out_dir, item), d.astype(np.float16))
         save_png(diff_path(out_dir, item, ".png"), np.clip(np.round(d), 0, 255).astype(np.uint8))
         save_png(refined_mask_path(out_dir, item), m.astype(np.uint8) * 255)
         if crop:
-            m_crop = refine_mask(b.m_pre, difference_image(b.img, crop_baseline(b.img, b.m_pre)), seed,
+            m_crop = refine_mask(m_up, difference_image(b.img, crop_baseline(b.img, b.m_pre)), seed,
                                  close_and_fill)
             save_png(crop_mask_path(out_dir, item), m_crop.astype(np.uint8) * 255)
         return note

@@ -106,7 +106,8 @@ def preliminary_mask(attn_map, valid=None, seed: int = 0) -> np.ndarray:
 def refined_mask(m_pre_up, diff, seed: int = 0) -> np.ndarray:
     """Step 4: M = m_pre_up AND majority3x3(diff > gmm_midpoint_threshold(diff)).
 
-    ``m_pre_up`` is the preliminary mask already upsampled to full image resolution (see
+    ``m_pre_up`` is the preliminary mask already upsampled to full image resolution (the
+    reference's bilinear rule, :func:`fgbg.inpaint.upsampled_m_pre`, or the exact blocks of
     :func:`upsample_mask`), ``diff`` the difference image D = mean_RGB |x - x_inpainted| at
     the same resolution.  Where inpainting the background changed the picture a lot, the
     object was; intersecting with M_pre keeps only changes inside the attention region, so

@@ -39,6 +39,8 @@ SCHEMA: dict[str, tuple[tuple, Any, str]] = {
     "finetune_lr": ((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)"),
     # step 4: inpainting and refined masks
     "inpaint_batch_size": ((int,), 16, "images per batch of the inpainting sampler"),
+    "m_pre_upsampling": ((str,), "bilinear", "M_pre to pixels for M: 'bilinear' (reference, dilates by up to "
+                         "half a latent cell) or 'nearest' (exact blocks)"),
     "close_and_fill": ((bool,), False, "optional clean-up of M: 3x3 closing, then hole filling"),
     "fg_bg_guidance": ((float, int), 3.0, "scale s of foreground-vs-background guidance for samples"),
     # step 5: segmentation network
@@ -66,6 +68,7 @@ def defaults() -> dict:
 def check(params: dict, source: str = "parameters") -> dict:
     """Validate names and types; returns the full parameter dict (defaults filled in)."""
     from .attention import EXTRACTORS
+    from .inpaint import UPSAMPLINGS
     out = defaults()
     for name, value in params.items():
         if name not in SCHEMA:
@@ -91,6 +94,9 @@ def check(params: dict, source: str = "parameters") -> dict:
                              f"got {out['extractor']!r}")
     if out["resize_mode"] not in RESIZE_MODES:
         raise ParameterError(f"{source}: parameter 'resize_mode' must be one of {RESIZE_MODES}")
+    if out["m_pre_upsampling"] not in UPSAMPLINGS:
+        raise ParameterError(f"{source}: parameter 'm_pre_upsampling' must be one of {UPSAMPLINGS}, "
+                             f"got {out['m_pre_upsampling']!r}")
     bad = [s for s in out["splits"] if s not in SPLIT_NAMES]
     if bad or not out["splits"]:
         raise ParameterError(f"{source}: parameter 'splits' must be a non-empty list of {SPLIT_NAMES}, "

@@ -46,6 +46,14 @@ from .metrics import Confusion, _as_binary
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 """Mini-world U-Net widths; the paper's standard U-Net is (64, 128, 256, 512, 1024)."""
 
+
+def channels_for_width(width: int, levels: int = 4) -> tuple[int, ...]:
+    """The U-Net's channels from the course's ``seg_width`` parameter: the width doubles
+    at each of ``levels`` levels, ``(w, 2w, 4w, 8w)``."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"seg_width: expected a positive integer, got {width!r}")
+    return tuple(width * 2 ** i for i in range(levels))
+
 _EXPECTED = (DatasetError, OSError, ValueError)  # per-image problems: skip the image, go on
 
 

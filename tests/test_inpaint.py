@@ -9,7 +9,7 @@ from PIL import Image
 
 from fgbg import inpaint
 from fgbg.attention import encode_images, seed_for
-from fgbg.data import load_dataset, read_image, read_mask
+from fgbg.data import Placement, load_dataset, load_item, place_mask, read_image, read_mask
 from fgbg.io import save_png
 from fgbg.masks import fill_and_close, prelim_mask_path
 
@@ -139,6 +139,28 @@ def test_refined_mask_is_a_subset_of_m_pre():
         assert m.dtype == bool and m.shape == m_pre.shape and not (m & ~m_pre).any()
 
 
+def test_upsampled_m_pre_by_hand():
+    # 4x4 latent grid over a 16x16 canvas (cells of 4 pixels), a 16x16 image pasted unscaled
+    pl = Placement(canvas=16, scale=1.0, height=16, width=16, placed_h=16, placed_w=16, mode="pad")
+    m_lat = np.zeros((4, 4), bool)
+    m_lat[1, 1] = True
+    block = np.zeros((16, 16), bool)
+    block[4:8, 4:8] = True
+    np.testing.assert_array_equal(inpaint.upsampled_m_pre(m_lat, pl, "nearest"), block)
+    # bilinear between cell centres (pixels 1.5, 5.5, 9.5, 13.5): the weight of cell 1 is
+    # positive from pixel 2 to pixel 9, i.e. the block dilated by 2 pixels = half a cell
+    dilated = np.zeros((16, 16), bool)
+    dilated[2:10, 2:10] = True
+    np.testing.assert_array_equal(inpaint.upsampled_m_pre(m_lat, pl), dilated)
+    # a foreground cell at the image border is not dilated into the (absent) outside
+    m_lat[:] = False
+    m_lat[0, 3] = True
+    got = inpaint.upsampled_m_pre(m_lat, pl)
+    assert got[:6, 10:].all() and got.sum() == 6 * 6
+    with pytest.raises(ValueError, match="m_pre_upsampling"):
+        inpaint.upsampled_m_pre(m_lat, pl, "bicubic")
+
+
 # --------------------------------------------------------------------------- M_crop
 def test_crop_baseline_mirrors_the_largest_side_by_hand():
     img = np.zeros((4, 7, 3), np.uint8)
@@ -244,9 +266,11 @@ def test_dataset_run(tiny_pipe, mini_dataset, tmp_path):
         m_crop = read_mask(inpaint.crop_mask_path(out, it), img.shape)
         assert painted.shape == img.shape and d.shape == d_png.shape == img.shape[:2] and d.dtype == np.float16
         np.testing.assert_allclose(d, inpaint.difference_image(img, painted), atol=0.13)
-        assert not (m & ~m_pre).any() and not (m_crop & ~m_pre).any()
+        _, pl, _ = load_item(it, canvas=64)
+        m_up = inpaint.upsampled_m_pre(place_mask(m_pre, pl, 16), pl)  # the default: the reference's bilinear
+        assert not (m & ~m_up).any() and not (m_crop & ~m_up).any()
         np.testing.assert_array_equal(m_crop, inpaint.refine_mask(
-            m_pre, inpaint.difference_image(img, inpaint.crop_baseline(img, m_pre))))
+            m_up, inpaint.difference_image(img, inpaint.crop_baseline(img, m_pre))))
     zero = by["test_0000"]
     np.testing.assert_array_equal(read_image(inpaint.inpainted_path(out, zero)), read_image(zero.image_path))
     assert not np.load(inpaint.diff_path(out, zero)).any() and not read_mask(inpaint.refined_mask_path(out, zero)).any()
@@ -255,7 +279,6 @@ def test_dataset_run(tiny_pipe, mini_dataset, tmp_path):
 
     # the unscaled image: its inpainted PNG is the top-left crop of the inpainted canvas
     small = by["small"]
-    from fgbg.data import load_item, place_mask
     x, pl, _ = load_item(small, canvas=64)
     m_lat = torch.from_numpy(place_mask(read_mask(prelim_mask_path(out, small)), pl, 16)).float()[None, None]
     canvas = inpaint.inpaint_background(tiny_pipe, x[None], m_lat, num_inference_steps=STEPS,

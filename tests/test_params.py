@@ -18,6 +18,7 @@ def test_defaults_pass_and_fill_in():
     ({"rev_diff_steps": 0}, r"'rev_diff_steps' must be >= 1"),
     ({"splits": ["training"]}, r"'splits' must be a non-empty list"),
     ({"extractor": "max"}, r"'extractor' must be one of"),
+    ({"m_pre_upsampling": "bicubic"}, r"'m_pre_upsampling' must be one of"),
     ({"object_word": "cat"}, r"object_word 'cat' is not in foreground_prompt"),
 ])
 def test_bad_parameters_name_the_parameter(bad, match):

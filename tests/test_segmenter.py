@@ -6,8 +6,8 @@ import torch
 from fgbg.data import Item, read_image, read_mask
 from fgbg.evaluate import PAPER_TABLE2, table2
 from fgbg.io import save_png
-from fgbg.segmenter import (UNet, evaluate_masks, load_segmenter, predict, predict_items, save_segmenter,
-                            train_segmenter)
+from fgbg.segmenter import (UNet, channels_for_width, evaluate_masks, load_segmenter, predict, predict_items,
+                            save_segmenter, train_segmenter)
 
 SMALL = (8, 16, 32)  # a U-Net small enough to train in seconds on one CPU thread
 
@@ -59,6 +59,14 @@ def unet_iou(model, items):
 def test_unet_output_shape(hw):
     net = UNet(SMALL)
     assert net(torch.zeros(2, 3, *hw)).shape == (2, 1, *hw)
+
+
+def test_channels_for_width():
+    assert channels_for_width(8) == (8, 16, 32, 64)
+    assert channels_for_width(32, levels=5) == (32, 64, 128, 256, 512)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="seg_width"):
+            channels_for_width(bad)
 
 
 def test_unet_rejects_indivisible_size():

@@ -11,9 +11,11 @@
 #   (RePaint-style latent blending). The model only invents what is inside M_pre, and it
 #   invents it to fit the background around it.
 # * **Difference image**: `D = mean over RGB of |x - x_inpainted|`.
-# * **Refined mask**: `M = M_pre AND majority3x3(D > GMM-midpoint(D))`: the part of M_pre that
-#   really changed. M is always a subset of M_pre: refinement can only remove the background
-#   that the coarse attention mask swallowed.
+# * **Refined mask**: `M = up(M_pre) AND majority3x3(D > GMM-midpoint(D))`: the part of M_pre that
+#   really changed. `up` brings the latent-grid M_pre to pixels as the reference does, by
+#   bilinear interpolation, which widens it by up to half a latent cell. So refinement
+#   removes the background that the coarse attention mask swallowed, and can win back
+#   only a thin rim of bird that M_pre cut off (`m_pre_upsampling = "nearest"`: not even that).
 #
 # The paper's simpler baseline, **M_crop**, fills M_pre's box with mirrored background
 # from beside it instead of inpainting.
@@ -33,6 +35,7 @@ splits = ["train", "test"]
 limit = None
 num_inference_steps = 50
 inpaint_batch_size = 16
+m_pre_upsampling = "bilinear"
 close_and_fill = False
 fg_bg_guidance = 3.0
 resize_mode = "pad"
@@ -60,7 +63,7 @@ print(f"{len(ds)} images")
 report = inpaint.inpaint_and_refine(
     tuned, ds, P["out_dir"], prompt=P["background_prompt"], num_inference_steps=P["num_inference_steps"],
     batch_size=P["inpaint_batch_size"], seed=P["seed"], resize_mode=P["resize_mode"],
-    close_and_fill=P["close_and_fill"])
+    m_pre_upsampling=P["m_pre_upsampling"], close_and_fill=P["close_and_fill"])
 print(report)
 
 # %% [markdown]
@@ -115,5 +118,6 @@ for s in (1.0, P["fg_bg_guidance"]):
 # 1. Set `close_and_fill = True`. Which images gain, which lose?
 # 2. Inpaint with the *untuned* teaching model (`models.load_pipeline("teaching")`) and
 #    compare D: what does concept distillation buy?
-# 3. Why is M always a subset of M_pre? Find a test image where the bird sticks out of
-#    M_pre: what would it take to recover that part?
+# 3. Set `m_pre_upsampling = "nearest"`: now M is always a subset of M_pre. How much IoU
+#    did the reference's half-cell rim buy? Find a test image where the bird sticks out of
+#    M_pre by more than that: what would it take to recover that part?

@@ -54,7 +54,7 @@ for name, target in (("unet_refined", inpaint.refined_mask_path), ("unet_prelim"
     nets[name], losses[name] = segmenter.train_segmenter(
         train.items, read(target), size=P["seg_size"], iterations=P["seg_iterations"],
         batch_size=P["seg_batch_size"], lr=P["seg_lr"], seed=P["seed"], device=P["device"],
-        channels=tuple(P["seg_width"] * 2**i for i in range(4)))
+        channels=segmenter.channels_for_width(P["seg_width"]))
     segmenter.save_segmenter(nets[name], f"{P['out_dir']}/segmenter/{name}.safetensors")
 
 fig, ax = plt.subplots(figsize=(5, 2.2), dpi=72)
