@@ -65,8 +65,14 @@ def defaults() -> dict:
     return {k: v[1] for k, v in SCHEMA.items()}
 
 
-def check(params: dict, source: str = "parameters") -> dict:
-    """Validate names and types; returns the full parameter dict (defaults filled in)."""
+def check(params: dict, source: str = "parameters", given_only: bool = False) -> dict:
+    """Validate names and types; returns the full parameter dict (defaults filled in).
+
+    ``given_only``: rules that relate two parameters apply only when both are in
+    ``params`` (a notebook declares only the parameters of its own steps: notebook 04's
+    ``num_inference_steps`` of the inpainting sampler is not checked against the default
+    ``rev_diff_steps`` of step 1, which it does not use).
+    """
     from .attention import EXTRACTORS
     from .inpaint import UPSAMPLINGS
     out = defaults()
@@ -86,7 +92,8 @@ def check(params: dict, source: str = "parameters") -> dict:
                  "finetune_batch_size", "inpaint_batch_size", "seg_size", "seg_batch_size", "seg_width"):
         if out[name] < 1:
             raise ParameterError(f"{source}: parameter {name!r} must be >= 1, got {out[name]}")
-    if out["rev_diff_steps"] > out["num_inference_steps"]:
+    both = not given_only or {"rev_diff_steps", "num_inference_steps"} <= set(params)
+    if both and out["rev_diff_steps"] > out["num_inference_steps"]:
         raise ParameterError(f"{source}: rev_diff_steps ({out['rev_diff_steps']}) must not exceed "
                              f"num_inference_steps ({out['num_inference_steps']})")
     if out["extractor"] not in EXTRACTORS:
@@ -101,7 +108,8 @@ def check(params: dict, source: str = "parameters") -> dict:
     if bad or not out["splits"]:
         raise ParameterError(f"{source}: parameter 'splits' must be a non-empty list of {SPLIT_NAMES}, "
                              f"got {out['splits']!r}")
-    if out["object_word"] not in out["foreground_prompt"]:
+    both = not given_only or {"object_word", "foreground_prompt"} <= set(params)
+    if both and out["object_word"] not in out["foreground_prompt"]:
         raise ParameterError(f"{source}: object_word {out['object_word']!r} is not in foreground_prompt "
                              f"{out['foreground_prompt']!r}")
     return out
@@ -129,4 +137,4 @@ def load_yaml(path: str | Path) -> dict:
 
 def from_namespace(ns: dict) -> dict:
     """The checked parameters from a notebook's globals (after papermill's injection)."""
-    return check({k: ns[k] for k in SCHEMA if k in ns}, source="notebook parameters")
+    return check({k: ns[k] for k in SCHEMA if k in ns}, source="notebook parameters", given_only=True)

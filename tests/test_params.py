@@ -26,6 +26,16 @@ def test_bad_parameters_name_the_parameter(bad, match):
         params.check(bad, source="x.yaml")
 
 
+def test_notebook_parameters_relate_only_what_the_notebook_declares():
+    # notebook 04 declares num_inference_steps (its sampler) but not step 1's rev_diff_steps
+    p = params.from_namespace({"num_inference_steps": 10, "out_dir": "x"})
+    assert p["num_inference_steps"] == 10
+    with pytest.raises(params.ParameterError, match="must not exceed"):
+        params.from_namespace({"num_inference_steps": 10, "rev_diff_steps": 40})
+    with pytest.raises(params.ParameterError, match="must not exceed"):  # a params file: the defaults count
+        params.check({"num_inference_steps": 10})
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("rev_diff_steps: 40\nseeed: 1\n")
