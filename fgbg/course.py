@@ -53,10 +53,14 @@ def setup(namespace: dict) -> dict:
     Path(P["out_dir"]).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(P["seed"])
     np.random.seed(P["seed"])
-    if P["make_mini_world"] and not (Path(P["base_dir"]) / "images.txt").exists():
-        from .miniworld import write_course_dataset
-        write_course_dataset(P["base_dir"], seed=P["seed"])
-        print(f"wrote the mini-world course dataset to {P['base_dir']}")
+    if P["make_mini_world"]:
+        from .miniworld import course_dataset_is_current, is_course_dataset, write_course_dataset
+        base = Path(P["base_dir"])
+        # (re)write when missing, or when it is an older mini world (never someone's own data)
+        if not (base / "images.txt").exists() or (is_course_dataset(base)
+                                                  and not course_dataset_is_current(base, P["seed"])):
+            write_course_dataset(base, seed=P["seed"])
+            print(f"wrote the mini-world course dataset to {base}")
     return P
 
 

@@ -315,21 +315,41 @@ def _course_scene(rng, h, w, distractor: bool) -> Scene:
     return random_scene(rng, classes, h, w)
 
 
-def write_course_dataset(base_dir: str | Path, n_train: int = 64, n_val: int = 8, n_test: int = 40,
+FIRST_TRAIN = 64
+"""Train images drawn in the course stream before val/test; further ones have their own stream."""
+
+
+def course_dataset_args(n_train: int = 128, n_val: int = 8, n_test: int = 40, n_distractor: int = 24,
+                        size: int = 64, seed: int = 0) -> dict:
+    """The arguments of :func:`write_course_dataset`, as recorded in ``miniworld.json``."""
+    return {"kind": "course", "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_distractor": n_distractor,
+            "size": size, "seed": seed}
+
+
+def write_course_dataset(base_dir: str | Path, n_train: int = 128, n_val: int = 8, n_test: int = 40,
                          n_distractor: int = 24, size: int = 64, seed: int = 0) -> Path:
     """Write the course dataset in the reference layout (see module docstring).
 
     Returns ``base_dir``. Existing files are overwritten, so the same arguments always
-    give the same bytes.
+    give the same bytes; ``miniworld.json`` records the arguments.
+
+    Seeds: the first 64 train images, then the val, test and distractor images come from
+    one stream, in that order (as in the first release, whose train split had 64 images);
+    train images 64 and beyond come from a stream of their own. So growing the train split
+    never changes a test image.
     """
     base = Path(base_dir)
     rng = np.random.default_rng([seed, 1])  # stream 1: course; the corpus uses stream 2
-    lines, meta = [], {}
-    plan = [("train", 1, n_train, False), ("val", 2, n_val, False), ("test", 0, n_test, False),
-            ("distractor", 0, n_distractor, True)]
-    for folder, split, n, distract in plan:
-        for i in range(n):
-            scene = _course_scene(rng, size, size, distract)
+    more = np.random.default_rng([seed, 4])  # stream 4: train images beyond the first 64
+    lines: dict[str, list[str]] = {}
+    meta = {}
+    plan = [("train", 1, min(n_train, FIRST_TRAIN), False, rng), ("val", 2, n_val, False, rng),
+            ("test", 0, n_test, False, rng), ("distractor", 0, n_distractor, True, rng),
+            ("train", 1, max(0, n_train - FIRST_TRAIN), False, more)]
+    for folder, split, n, distract, r in plan:
+        for _ in range(n):
+            i = len(lines.setdefault(folder, []))
+            scene = _course_scene(r, size, size, distract)
             img, masks = render(scene, size, size)
             rel = f"images/{folder}/{folder}_{i:04d}.png"
             save_png(base / rel, img)
@@ -338,16 +358,38 @@ def write_course_dataset(base_dir: str | Path, n_train: int = 64, n_val: int = 8
             if distract:
                 other = np.any([m for o, m in zip(scene.objects, masks) if o.cls != "bird"], axis=0)
                 save_png(base / "distractors" / rel[len("images/"):], other.astype(np.uint8) * 255)
-            lines.append(f"{rel} {split}")
+            lines[folder].append(f"{rel} {split}")
             meta[rel] = {"caption": scene.caption(), **scene.to_json()}
-    atomic_write_text(base / "images.txt", "\n".join(lines) + "\n")
+    atomic_write_text(base / "images.txt", "".join(f"{line}\n" for f in ("train", "val", "test", "distractor")
+                                                   for line in lines.get(f, [])))
     atomic_write_text(base / "scenes.json", json.dumps(meta, indent=1))
     atomic_write_text(base / "README.txt", (
         "fgbg mini world course dataset (python -m fgbg.miniworld course).\n"
         "images.txt: '<relative path> <split>' with split 0 = test, 1 = train, 2 = val.\n"
         "segmentations/: bird masks (0/255). distractors/: masks of the non-bird object\n"
-        "in the distractor test subset. scenes.json: the scene behind every image.\n"))
+        "in the distractor test subset. scenes.json: the scene behind every image.\n"
+        "miniworld.json: the arguments that wrote it.\n"))
+    atomic_write_text(base / "miniworld.json", json.dumps(
+        course_dataset_args(n_train, n_val, n_test, n_distractor, size, seed), indent=1))
     return base
+
+
+def is_course_dataset(base_dir: str | Path) -> bool:
+    """Whether ``base_dir`` was written by :func:`write_course_dataset` (any version)."""
+    try:
+        return (Path(base_dir) / "README.txt").read_text().startswith("fgbg mini world course dataset")
+    except OSError:
+        return False
+
+
+def course_dataset_is_current(base_dir: str | Path, seed: int = 0) -> bool:
+    """Whether ``base_dir`` holds the course dataset that the defaults (and ``seed``) write."""
+    path = Path(base_dir) / "miniworld.json"
+    try:
+        return (Path(base_dir) / "images.txt").is_file() and json.loads(path.read_text()) == \
+            course_dataset_args(seed=seed)
+    except (OSError, ValueError):
+        return False
 
 
 def write_cub_like(root: str | Path, n_train: int = 4, n_test: int = 4, h: int = 375, w: int = 500,
@@ -437,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("course", help="write the course dataset (reference layout)")
     c.add_argument("base_dir")
-    c.add_argument("--n-train", type=int, default=64)
+    c.add_argument("--n-train", type=int, default=128)
     c.add_argument("--n-val", type=int, default=8)
     c.add_argument("--n-test", type=int, default=40)
     c.add_argument("--n-distractor", type=int, default=24)

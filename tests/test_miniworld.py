@@ -45,6 +45,41 @@ def test_course_dataset_layout(tmp_path):
     np.testing.assert_array_equal(read_image(base / lines[0].split()[0]), read_image(again / lines[0].split()[0]))
 
 
+def test_growing_the_train_split_never_changes_a_test_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(mw, "FIRST_TRAIN", 2)  # the first 2 train images share the course stream
+    kw = dict(n_val=1, n_test=2, n_distractor=1, seed=1)
+    small = mw.write_course_dataset(tmp_path / "a", n_train=2, **kw)
+    big = mw.write_course_dataset(tmp_path / "b", n_train=5, **kw)
+    a = (small / "images.txt").read_text().splitlines()
+    b = (big / "images.txt").read_text().splitlines()
+    assert b[:2] == a[:2] and b[5:] == a[2:]  # the extra train lines follow the first ones
+    assert [ln.split()[0] for ln in b[2:5]] == [f"images/train/train_{i:04d}.png" for i in (2, 3, 4)]
+    for line in a:  # every image of the smaller dataset is unchanged
+        rel = line.split()[0]
+        np.testing.assert_array_equal(read_image(small / rel), read_image(big / rel))
+    extra = [read_image(big / f"images/train/train_{i:04d}.png") for i in (2, 3, 4)]
+    assert not any(np.array_equal(e, read_image(small / ln.split()[0])) for e in extra for ln in a)
+    assert mw.course_dataset_is_current(big, seed=1) is False  # not the defaults
+    import json
+    assert json.loads((big / "miniworld.json").read_text())["n_train"] == 5
+
+
+def test_setup_rewrites_an_older_mini_world_but_never_other_data(tmp_path, monkeypatch):
+    from fgbg import course
+    written = []
+    monkeypatch.setattr(mw, "write_course_dataset", lambda base, seed=0: written.append((str(base), seed)))
+    old = tmp_path / "old"  # a mini world of an earlier version: no miniworld.json
+    old.mkdir()
+    (old / "images.txt").write_text("images/train/train_0000.png 1\n")
+    (old / "README.txt").write_text("fgbg mini world course dataset (python -m fgbg.miniworld course).\n")
+    mine = tmp_path / "mine"  # someone's own dataset, make_mini_world left at its default
+    mine.mkdir()
+    (mine / "images.txt").write_text("images/a/b.jpg 1\n")
+    for base in (old, mine, tmp_path / "missing"):
+        course.setup({"base_dir": str(base), "out_dir": str(tmp_path / "out"), "make_mini_world": True})
+    assert written == [(str(old), 0), (str(tmp_path / "missing"), 0)]
+
+
 def test_corpus_is_sliceable_and_disjoint_from_course():
     imgs, scenes = mw.make_corpus(6, seed=0)
     tail, tail_scenes = mw.make_corpus(3, seed=0, start=3)
