@@ -28,11 +28,12 @@ demo: setup
 	$(BIN)/python -m fgbg.course run -f $(PARAMS)
 
 # nbval runs the notebooks with their parameters cells' defaults, writing to runs/nbval
-# (FGBG_OUT_DIR) so that it never reuses or touches runs/demo.
+# (FGBG_OUT_DIR) so that it never reuses or touches runs/demo. FGBG_PROGRESS=0: no progress
+# widgets; nbval reads a cell's messages only after it ends and can lose "idle" among thousands.
 test: setup
 	$(BIN)/python -m pytest -q tests
 	rm -rf runs/nbval
-	FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax \
+	FGBG_PROGRESS=0 FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/
 
 test-fast: setup

@@ -93,15 +93,24 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
     root = repo_root(Path(__file__).parent)
     out = resolve(P["out_dir"], root)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    for name in notebooks:
-        src = root / "notebooks" / f"{name}.ipynb"
-        wanted = _notebook_params(src)
-        p = {k: v for k, v in params.items() if k in wanted}
-        t0 = time.time()
-        print(f"== {name} ({', '.join(f'{k}={v}' for k, v in p.items()) or 'defaults'})", flush=True)
-        pm.execute_notebook(str(src), str(out / "notebooks" / f"{name}.ipynb"), parameters=p, cwd=str(root),
-                            kernel_name=kernel, progress_bar=False, log_output=False)
-        print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    from .runs import PROGRESS_ENV
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "0"  # the kernels inherit it: no progress widgets in a headless run
+    try:
+        for name in notebooks:
+            src = root / "notebooks" / f"{name}.ipynb"
+            wanted = _notebook_params(src)
+            p = {k: v for k, v in params.items() if k in wanted}
+            t0 = time.time()
+            print(f"== {name} ({', '.join(f'{k}={v}' for k, v in p.items()) or 'defaults'})", flush=True)
+            pm.execute_notebook(str(src), str(out / "notebooks" / f"{name}.ipynb"), parameters=p, cwd=str(root),
+                                kernel_name=kernel, progress_bar=False, log_output=False)
+            print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV)
+        else:
+            os.environ[PROGRESS_ENV] = before
     path = out / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -279,12 +279,11 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     "reused": True when done.json was found}``.
     """
     from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
     from .attention import encode_prompt
     from .io import atomic_write_text
     from .masks import prelim_dir
     from .models import model_fingerprint
-    from .runs import read_run_config
+    from .runs import progress_bar, read_run_config
 
     config = config or FinetuneConfig()
     config.check()
@@ -374,7 +373,7 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
                     "cuda_rng": [torch.cuda.get_rng_state(i) for i in cuda_idx], "config": cfg, "items": rels})
 
             log = open(loss_path, "a")
-            bar = tqdm(total=config.steps, initial=step, desc="step 3 (fine-tune)", disable=not progress)
+            bar = progress_bar(total=config.steps, initial=step, desc="step 3 (fine-tune)", disable=not progress)
             B = config.batch_size
             while step < config.steps:
                 idx = rng.integers(len(data), size=B)

@@ -196,9 +196,8 @@ def train_segmenter(items, mask_fn, size: int = 64, iterations: int = 1500, batc
     ``seed``, so a rerun on CPU gives identical losses (on GPU, up to cuDNN's
     non-determinism). Returns ``(model in eval mode, per-iteration losses)``.
     """
-    from tqdm.auto import tqdm
-
     from .models import pick_device
+    from .runs import progress_bar
 
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
         raise ValueError(f"crop_scale={crop_scale}: expected 0 < low <= high <= 1")
@@ -218,7 +217,7 @@ def train_segmenter(items, mask_fn, size: int = 64, iterations: int = 1500, batc
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
-    bar = tqdm(range(iterations), desc="step 5 (U-Net)", disable=not progress, leave=False)
+    bar = progress_bar(range(iterations), desc="step 5 (U-Net)", disable=not progress, leave=False)
     for it in bar:
         while len(order) < batch_size:
             order += torch.randperm(len(imgs), generator=g).tolist()

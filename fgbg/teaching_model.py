@@ -200,9 +200,11 @@ class CaptionTokenizer:
 
 # --------------------------------------------------------------------------- training
 def _device_and_dtype(device: str | None):
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    return dev, amp
+    """The training device (the course's rule, ``fgbg.models.pick_device``) and the autocast
+    dtype: bf16 on CUDA, none (fp32) elsewhere."""
+    from .models import pick_device  # fgbg.models imports this module
+    dev = pick_device(device)
+    return dev, (torch.bfloat16 if dev.type == "cuda" else None)
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator):
@@ -227,8 +229,8 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     """Train the AutoencoderKL on random ``crop`` x ``crop`` crops of corpus images
     (L1 + MSE + a tiny KL). The VAE is convolutional, so crops teach it the whole image
     at a quarter of the cost. Resumable."""
-    from tqdm.auto import tqdm
     from .miniworld import load_corpus
+    from .runs import progress_bar
     cfg = cfg or TeachingConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     rng = np.random.default_rng([cfg.seed, 10, step])
     it = _batches(len(imgs), batch, rng)
     log = open(out / "vae_log.jsonl", "a")
-    bar = tqdm(total=steps, initial=step, desc="vae")
+    bar = progress_bar(total=steps, initial=step, desc="vae")
     while step < steps:
         x = torch.from_numpy(np.array(imgs[next(it)])).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
         if crop and crop < x.shape[-1]:
@@ -314,8 +316,8 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     ``p_omit``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
     checkpoint) when the budget is spent; a rerun resumes.
     """
-    from tqdm.auto import tqdm
     from .miniworld import load_corpus
+    from .runs import progress_bar
     cfg = cfg or TeachingConfig()
     out = Path(out)
     if threads:
@@ -341,7 +343,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     gen = torch.Generator(dev).manual_seed(cfg.seed * 1000003 + step)
     it = _batches(len(mean), batch, rng)
     log = open(out / "unet_log.jsonl", "a")
-    bar = tqdm(total=steps, initial=step, desc="unet")
+    bar = progress_bar(total=steps, initial=step, desc="unet")
     t0 = time.time()
     while step < steps:
         idx = next(it)
