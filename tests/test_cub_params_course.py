@@ -6,7 +6,9 @@ SD v1.4 weights cannot be downloaded here and do not fit a CPU test's time, so t
 tiny random SD-architecture pipeline saved as a local diffusers folder (the same loading path
 as a downloaded SD v1.4), and the long steps are shortened with overrides. Everything else is
 the file's own settings: the CUB layout, resize_mode, 128 px segmenter, no controls.
-Memory at SD size is measured on a GPU by benchmarks/gpu_memory_sd14.py, not here.
+Memory at SD size is measured on a GPU by benchmarks/gpu_memory_sd14.py, not here. The
+second run puts the pipeline in bf16, as "dtype: auto" does on a GPU, so that the notebooks'
+handling of a half-precision pipeline is exercised without one.
 """
 import json
 
@@ -27,13 +29,14 @@ SHORT = {"rev_diff_steps": 2, "num_inference_steps": 4, "unet_batch": 2, "finetu
          "seg_width": 4, "device": "cpu"}
 
 
-def test_cub_params_run_the_notebooks_unchanged(tmp_path):
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: the dtype the file gives a GPU ("auto")
+def test_cub_params_run_the_notebooks_unchanged(tmp_path, dtype):
     base = write_cub_like(tmp_path / "cub", n_train=3, n_test=2)
     model = tmp_path / "sd-like"
     random_pipeline("tiny").save_pretrained(model)
     out = tmp_path / "run"
     metrics = course.run("params/cub_sd14.yaml",
-                         {"model": str(model), "base_dir": str(base), "out_dir": str(out), **SHORT},
+                         {"model": str(model), "base_dir": str(base), "out_dir": str(out), **SHORT, "dtype": dtype},
                          ["01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation"])
 
     for name in ("prelim", "crop", "unet_prelim", "refined", "unet_refined"):
