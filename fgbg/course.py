@@ -54,11 +54,10 @@ def setup(namespace: dict) -> dict:
     torch.manual_seed(P["seed"])
     np.random.seed(P["seed"])
     if P["make_mini_world"]:
-        from .miniworld import course_dataset_is_current, is_course_dataset, write_course_dataset
+        from .miniworld import is_outdated_course_dataset, write_course_dataset
         base = Path(P["base_dir"])
-        # (re)write when missing, or when it is an older mini world (never someone's own data)
-        if not (base / "images.txt").exists() or (is_course_dataset(base)
-                                                  and not course_dataset_is_current(base, P["seed"])):
+        # (re)write when missing or written by an older fgbg; never someone's own data
+        if not (base / "images.txt").exists() or is_outdated_course_dataset(base):
             write_course_dataset(base, seed=P["seed"])
             print(f"wrote the mini-world course dataset to {base}")
     return P

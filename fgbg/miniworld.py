@@ -319,13 +319,6 @@ FIRST_TRAIN = 64
 """Train images drawn in the course stream before val/test; further ones have their own stream."""
 
 
-def course_dataset_args(n_train: int = 128, n_val: int = 8, n_test: int = 40, n_distractor: int = 24,
-                        size: int = 64, seed: int = 0) -> dict:
-    """The arguments of :func:`write_course_dataset`, as recorded in ``miniworld.json``."""
-    return {"kind": "course", "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_distractor": n_distractor,
-            "size": size, "seed": seed}
-
-
 def write_course_dataset(base_dir: str | Path, n_train: int = 128, n_val: int = 8, n_test: int = 40,
                          n_distractor: int = 24, size: int = 64, seed: int = 0) -> Path:
     """Write the course dataset in the reference layout (see module docstring).
@@ -369,27 +362,22 @@ def write_course_dataset(base_dir: str | Path, n_train: int = 128, n_val: int = 
         "segmentations/: bird masks (0/255). distractors/: masks of the non-bird object\n"
         "in the distractor test subset. scenes.json: the scene behind every image.\n"
         "miniworld.json: the arguments that wrote it.\n"))
-    atomic_write_text(base / "miniworld.json", json.dumps(
-        course_dataset_args(n_train, n_val, n_test, n_distractor, size, seed), indent=1))
+    atomic_write_text(base / "miniworld.json", json.dumps(dict(
+        kind="course", n_train=n_train, n_val=n_val, n_test=n_test, n_distractor=n_distractor, size=size,
+        seed=seed), indent=1))
     return base
 
 
-def is_course_dataset(base_dir: str | Path) -> bool:
-    """Whether ``base_dir`` was written by :func:`write_course_dataset` (any version)."""
+def is_outdated_course_dataset(base_dir: str | Path) -> bool:
+    """Whether ``base_dir`` holds a course dataset written before ``miniworld.json`` existed
+    (session 2 and earlier: 64 train images). A folder that is not a mini world, or one
+    written with any arguments since, is never outdated."""
+    base = Path(base_dir)
     try:
-        return (Path(base_dir) / "README.txt").read_text().startswith("fgbg mini world course dataset")
+        written_by_fgbg = (base / "README.txt").read_text().startswith("fgbg mini world course dataset")
     except OSError:
         return False
-
-
-def course_dataset_is_current(base_dir: str | Path, seed: int = 0) -> bool:
-    """Whether ``base_dir`` holds the course dataset that the defaults (and ``seed``) write."""
-    path = Path(base_dir) / "miniworld.json"
-    try:
-        return (Path(base_dir) / "images.txt").is_file() and json.loads(path.read_text()) == \
-            course_dataset_args(seed=seed)
-    except (OSError, ValueError):
-        return False
+    return written_by_fgbg and not (base / "miniworld.json").exists()
 
 
 def write_cub_like(root: str | Path, n_train: int = 4, n_test: int = 4, h: int = 375, w: int = 500,

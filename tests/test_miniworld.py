@@ -59,9 +59,12 @@ def test_growing_the_train_split_never_changes_a_test_image(tmp_path, monkeypatc
         np.testing.assert_array_equal(read_image(small / rel), read_image(big / rel))
     extra = [read_image(big / f"images/train/train_{i:04d}.png") for i in (2, 3, 4)]
     assert not any(np.array_equal(e, read_image(small / ln.split()[0])) for e in extra for ln in a)
-    assert mw.course_dataset_is_current(big, seed=1) is False  # not the defaults
     import json
-    assert json.loads((big / "miniworld.json").read_text())["n_train"] == 5
+    rec = json.loads((big / "miniworld.json").read_text())
+    assert rec == {"kind": "course", "n_train": 5, "n_val": 1, "n_test": 2, "n_distractor": 1, "size": 64, "seed": 1}
+    assert not mw.is_outdated_course_dataset(big)
+    (big / "miniworld.json").unlink()  # as written before miniworld.json existed
+    assert mw.is_outdated_course_dataset(big)
 
 
 def test_setup_rewrites_an_older_mini_world_but_never_other_data(tmp_path, monkeypatch):
@@ -75,7 +78,12 @@ def test_setup_rewrites_an_older_mini_world_but_never_other_data(tmp_path, monke
     mine = tmp_path / "mine"  # someone's own dataset, make_mini_world left at its default
     mine.mkdir()
     (mine / "images.txt").write_text("images/a/b.jpg 1\n")
-    for base in (old, mine, tmp_path / "missing"):
+    custom = tmp_path / "custom"  # a mini world written on purpose with other arguments
+    custom.mkdir()
+    for f in ("images.txt", "README.txt"):
+        (custom / f).write_text((old / f).read_text())
+    (custom / "miniworld.json").write_text('{"kind": "course", "n_train": 16}')
+    for base in (old, mine, custom, tmp_path / "missing"):
         course.setup({"base_dir": str(base), "out_dir": str(tmp_path / "out"), "make_mini_world": True})
     assert written == [(str(old), 0), (str(tmp_path / "missing"), 0)]
 
