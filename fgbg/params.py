@@ -18,7 +18,8 @@ from typing import Any
 SCHEMA: dict[str, tuple[tuple, Any, str]] = {
     "model": ((str,), "teaching", "'teaching' (built in), a local diffusers folder, or a hub id"),
     "base_dir": ((str,), "data/miniworld", "dataset folder (reference or CUB_200_2011 layout)"),
-    "make_mini_world": ((bool,), True, "write the mini-world dataset to base_dir if it is missing (or older than miniworld.json)"),
+    "make_mini_world": ((bool,), True, "write the mini-world dataset to base_dir if it is missing "
+                        "(or older than miniworld.json)"),
     "out_dir": ((str,), "runs/demo", "where per-image outputs and metrics.json go"),
     "foreground_prompt": ((str,), "a photo of a bird", "prompt of step 1 (and the object prompt of step 3)"),
     "object_word": ((str,), "bird", "the word of the prompt whose attention is the object"),

@@ -80,8 +80,10 @@ def main() -> int:
         import shutil
         run_dir = ROOT / "runs" / "build"
         shutil.rmtree(run_dir, ignore_errors=True)  # never reuse outputs of an earlier model or code
-        os.environ["FGBG_OUT_DIR"] = str(run_dir)
-        os.environ["FGBG_PROGRESS"] = "0"  # no progress widgets in headless kernels (fgbg.runs.progress_bar)
+        from fgbg.course import OUT_DIR_ENV
+        from fgbg.runs import PROGRESS_ENV
+        os.environ[OUT_DIR_ENV] = str(run_dir)
+        os.environ[PROGRESS_ENV] = "0"  # no progress widgets in headless kernels (fgbg.runs.progress_bar)
         for path in paths:
             out = run_dir / "notebooks" / path.name
             out.parent.mkdir(parents=True, exist_ok=True)
