@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 PARAMS ?= params/demo.yaml
 STAMP  := $(VENV)/.fgbg-installed
 
-.PHONY: setup demo test test-fast notebooks teaching-model bench clean help
+.PHONY: setup demo test test-fast test-bf16 notebooks teaching-model bench clean help
 
 help:
 	@sed -n '2,4p' Makefile
@@ -33,11 +33,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 	rm -rf runs/nbval
-	FGBG_PROGRESS=0 FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax \
+	FGBG_PROGRESS=0 FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout 900 \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The CUB-params notebooks with the pipeline in bf16 on the CPU (minutes; not in `make test`).
+test-bf16: setup
+	FGBG_TEST_CPU_BF16=1 $(BIN)/python -m pytest -q tests/test_cub_params_course.py
 
 # Rebuild notebooks/*.ipynb from tools/notebook_cells/ and refresh their checked outputs.
 notebooks: setup

@@ -83,8 +83,13 @@ def _notebook_params(nb_path: Path) -> set[str]:
     return set(pm.inspect_notebook(str(nb_path)))
 
 
-def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: str | None = None) -> dict:
-    """Execute the notebooks in order with papermill; return the metrics."""
+def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: str | None = None,
+        cell_timeout: float | None = None) -> dict:
+    """Execute the notebooks in order with papermill; return the metrics.
+
+    ``cell_timeout``: seconds one cell may run before papermill stops the run with an error
+    naming the cell (None: no limit, as a full-dataset fine-tuning cell runs for hours).
+    """
     import papermill as pm
     params = load_yaml(params_file) if params_file else {}
     params.update(overrides)
@@ -103,7 +108,8 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
             t0 = time.time()
             print(f"== {name} ({', '.join(f'{k}={v}' for k, v in p.items()) or 'defaults'})", flush=True)
             pm.execute_notebook(str(src), str(out / "notebooks" / f"{name}.ipynb"), parameters=p, cwd=str(root),
-                                kernel_name=kernel, progress_bar=False, log_output=False)
+                                kernel_name=kernel, progress_bar=False, log_output=False,
+                                execution_timeout=cell_timeout)
             print(f"   done in {time.time() - t0:.0f} s", flush=True)
     finally:
         if before is None:
@@ -137,6 +143,8 @@ def main(argv=None) -> int:
                    help="override one parameter (YAML value syntax)")
     r.add_argument("--notebooks", default=",".join(NOTEBOOKS), help="comma-separated, in order")
     r.add_argument("--kernel", default=None)
+    r.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop with an error when one cell runs longer (default: no limit)")
     c = sub.add_parser("check", help="check a params file without running anything")
     c.add_argument("params")
     a = p.parse_args(argv)
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
         if missing:
             raise ParameterError(f"--notebooks: no such notebook(s): {', '.join(missing)}")
         t0 = time.time()
-        metrics = run(a.params, overrides, names, a.kernel)
+        metrics = run(a.params, overrides, names, a.kernel, a.cell_timeout)
         print(f"\nall notebooks done in {time.time() - t0:.0f} s\n")
         print(results_table(metrics, table2=True))
         return 0

@@ -6,11 +6,16 @@ SD v1.4 weights cannot be downloaded here and do not fit a CPU test's time, so t
 tiny random SD-architecture pipeline saved as a local diffusers folder (the same loading path
 as a downloaded SD v1.4), and the long steps are shortened with overrides. Everything else is
 the file's own settings: the CUB layout, resize_mode, 128 px segmenter, no controls.
-Memory at SD size is measured on a GPU by benchmarks/gpu_memory_sd14.py, not here. The
-second run puts the pipeline in bf16, as "dtype: auto" does on a GPU, so that the notebooks'
-handling of a half-precision pipeline is exercised without one.
+Memory at SD size is measured on a GPU by benchmarks/gpu_memory_sd14.py, not here.
+
+A second run, on request (FGBG_TEST_CPU_BF16=1, or `make test-bf16`), puts the pipeline in
+bf16, as "dtype: auto" does on a GPU, so that the notebooks' handling of a half-precision
+pipeline is exercised without one. It is not part of `make test`: bf16 on a CPU runs through
+kernels that differ from CPU to CPU (here, torch's slow reference convolution, 1.8x the fp32
+run's time), and in CI it once ran past 80 minutes without finishing (2026-11-25).
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -29,7 +34,12 @@ SHORT = {"rev_diff_steps": 2, "num_inference_steps": 4, "unet_batch": 2, "finetu
          "seg_width": 4, "device": "cpu"}
 
 
-@pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: the dtype the file gives a GPU ("auto")
+CPU_BF16 = pytest.mark.skipif(os.environ.get("FGBG_TEST_CPU_BF16") != "1",
+                              reason="bf16 on the CPU runs on request: FGBG_TEST_CPU_BF16=1 (make test-bf16)")
+
+
+# bf16: the dtype the file gives a GPU ("auto"); on the CPU "auto" is fp32
+@pytest.mark.parametrize("dtype", ["auto", pytest.param("bf16", marks=CPU_BF16)])
 def test_cub_params_run_the_notebooks_unchanged(tmp_path, dtype):
     base = write_cub_like(tmp_path / "cub", n_train=3, n_test=2)
     model = tmp_path / "sd-like"
@@ -37,7 +47,8 @@ def test_cub_params_run_the_notebooks_unchanged(tmp_path, dtype):
     out = tmp_path / "run"
     metrics = course.run("params/cub_sd14.yaml",
                          {"model": str(model), "base_dir": str(base), "out_dir": str(out), **SHORT, "dtype": dtype},
-                         ["01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation"])
+                         ["01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation"],
+                         cell_timeout=600)  # a stuck cell fails here, naming the cell
 
     for name in ("prelim", "crop", "unet_prelim", "refined", "unet_refined"):
         row = metrics[name]
