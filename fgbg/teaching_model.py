@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_write_text
+
 ASSET_DIR = Path(__file__).parent / "assets" / "teaching-model"
 SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -242,7 +244,9 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     step, ck = 0, out / "vae_ckpt.pt"
     if ck.exists():
         st = torch.load(ck, map_location=dev)
-        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+        vae.load_state_dict(st["model"]); step = st["step"]
+        if st.get("opt") is not None:  # None: a VAE taken from a pipeline (--init-from)
+            opt.load_state_dict(st["opt"])
     rng = np.random.default_rng([cfg.seed, 10, step])
     it = _batches(len(imgs), batch, rng)
     log = open(out / "vae_log.jsonl", "a")
@@ -308,13 +312,15 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
                save_every: int = 250, threads: int | None = None, p_high: float = 0.7, p_omit: float = 0.0,
-               max_minutes: float | None = None):
+               max_minutes: float | None = None, init_from: str | Path | None = None):
     """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
 
     The text encoder is a lookup table (zero layers), so training it "jointly" means
     learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`;
     ``p_omit``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
-    checkpoint) when the budget is spent; a rerun resumes.
+    checkpoint) when the budget is spent; a rerun resumes. ``init_from``: a saved teaching
+    pipeline whose UNet and text encoder are the starting point (and the EMA's) when the
+    folder has no checkpoint yet: continued training, with a fresh optimizer.
     """
     from .miniworld import load_corpus
     from .runs import progress_bar
@@ -339,6 +345,10 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
         st = torch.load(ck, map_location=dev)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
         ema = [e.to(dev) for e in st["ema"]]; step = st["step"]
+    elif init_from is not None:
+        src_unet, src_te = pipeline_weights(init_from)
+        unet.load_state_dict(src_unet); te.load_state_dict(src_te)
+        ema = [p.detach().clone() for p in params]
     rng = np.random.default_rng([cfg.seed, 20, step])
     gen = torch.Generator(dev).manual_seed(cfg.seed * 1000003 + step)
     it = _batches(len(mean), batch, rng)
@@ -411,8 +421,10 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
         tdir = Path(save_to) / "tokenizer"
         for f in ("vocab.json", "merges.txt"):  # transformers 4 reads these, 5 reads tokenizer.json
             (tdir / f).write_bytes((out / "tokenizer" / f).read_bytes())
-        (Path(save_to) / "fgbg_teaching.json").write_text(json.dumps(
-            {"config": asdict(cfg), "unet_steps": st["step"]}, indent=1))
+        record = {"config": asdict(cfg), "unet_steps": st["step"]}
+        if (out / "init_from.json").exists():  # continued training: steps counted from the source
+            record["continued_from"] = json.loads((out / "init_from.json").read_text())
+        (Path(save_to) / "fgbg_teaching.json").write_text(json.dumps(record, indent=1))
     return pipe
 
 
@@ -438,10 +450,44 @@ def _config(work: Path, seed: int | None, unet_channels: str | None) -> Teaching
     return cfg
 
 
+def _saved_pipeline(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"--init-from {folder}: not a saved pipeline (no model_index.json)")
+    return folder
+
+
+def pipeline_weights(folder: str | Path) -> tuple[dict, dict]:
+    """The fp32 state dicts of a saved pipeline's UNet and text encoder (diffusers layout)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+    folder = _saved_pipeline(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
+    return unet.state_dict(), te.state_dict()
+
+
 def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, device: str | None = None,
-            vae_batch: int = 32) -> None:
+            vae_batch: int = 32, init_from: str | Path | None = None) -> None:
     """Corpus, tokenizer files, VAE and the encoded latents: everything the UNet trains on.
-    Each part is skipped when it is already there."""
+    Each part is skipped when it is already there. ``init_from``: take the VAE, and the
+    latents' scaling factor, from this saved pipeline instead of training a new VAE, so
+    that its UNet sees the latents it was trained on."""
+    if init_from is not None:
+        _saved_pipeline(init_from)
+        if (work / "vae_ckpt.pt").exists() and not (work / "init_from.json").exists():
+            raise SystemExit(f"{work} trains its own VAE; --init-from {init_from} needs a new --work folder "
+                             f"(its UNet must see its own VAE's latents)")
+        if not (work / "vae_ckpt.pt").exists():
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(Path(init_from), subfolder="vae", torch_dtype=torch.float32)
+            work.mkdir(parents=True, exist_ok=True)
+            source = Path(init_from) / "fgbg_teaching.json"
+            atomic_write_text(work / "init_from.json", json.dumps(
+                {"pipeline": str(init_from),
+                 "unet_steps": json.loads(source.read_text()).get("unet_steps") if source.exists() else None}))
+            _save_ckpt(work / "vae_ckpt.pt", {"model": vae.state_dict(), "opt": None, "step": vae_steps,
+                                              "scaling_factor": float(vae.config.scaling_factor)})
     if not (work / "corpus" / "scenes.jsonl").exists():
         from .miniworld import write_corpus
         write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)))
@@ -456,6 +502,12 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
     if not (work / "latents.pt").exists():
         vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
         print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device))
+        fixed = torch.load(work / "vae_ckpt.pt").get("scaling_factor")
+        if fixed is not None:  # a pipeline's VAE: keep the factor its UNet was trained with
+            lat = torch.load(work / "latents.pt")
+            lat["scaling_factor"] = fixed
+            _save_ckpt(work / "latents.pt", lat)
+            print("kept the pipeline's scaling factor", fixed)
 
 
 def main(argv=None):
@@ -481,6 +533,9 @@ def main(argv=None):
     t.add_argument("--p-high", type=float, default=0.7, help="chance of a timestep from [200, 1000)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
+    t.add_argument("--init-from", default=None, metavar="PIPELINE",
+                   help="continue training a saved teaching pipeline (its VAE, UNet and text encoder) "
+                        "instead of starting from scratch, e.g. fgbg/assets/teaching-model")
     e = sub.add_parser("export", help="write the pipeline of the latest checkpoint (EMA weights)")
     e.add_argument("--work", default="data/teaching-train")
     e.add_argument("--save-to", required=True)
@@ -495,11 +550,12 @@ def main(argv=None):
     cfg = _config(work, a.seed, a.unet_channels)
     if a.threads:
         torch.set_num_threads(a.threads)
-    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch)
+    init_from = getattr(a, "init_from", None)
+    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch, init_from=init_from)
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,
-               p_high=a.p_high, p_omit=a.p_omit, max_minutes=a.max_minutes)
+               p_high=a.p_high, p_omit=a.p_omit, max_minutes=a.max_minutes, init_from=init_from)
     assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
 
 

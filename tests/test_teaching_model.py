@@ -75,3 +75,27 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
     assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 3
     assert load_pipeline(str(tmp_path / "exported"), device="cpu").unet.config.sample_size == 16
+
+
+def test_init_from_continues_a_saved_pipeline(tmp_path):
+    """--init-from: the new folder starts from the pipeline's VAE, scaling factor, UNet and
+    text encoder (with lr 0 one step changes nothing, so the export equals the source)."""
+    from safetensors.torch import load_file
+    small = ["--corpus-size", "12", "--vae-steps", "2", "--vae-batch", "4", "--threads", "1", "--batch", "4"]
+    src = tmp_path / "src"
+    tm.main(["train", "--work", str(tmp_path / "a"), *small, "--steps", "2", "--save-to", str(src)])
+    tm.main(["train", "--work", str(tmp_path / "b"), *small, "--steps", "1", "--lr", "0",
+             "--init-from", str(src), "--save-to", str(tmp_path / "cont")])
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(src / part), load_file(tmp_path / "cont" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    scale = json.loads((src / "vae" / "config.json").read_text())["scaling_factor"]
+    assert torch.load(tmp_path / "b" / "latents.pt")["scaling_factor"] == scale
+    rec = json.loads((tmp_path / "cont" / "fgbg_teaching.json").read_text())
+    assert rec["unet_steps"] == 1 and rec["continued_from"] == {"pipeline": str(src), "unet_steps": 2}
+    # a folder that trained its own VAE is refused: its latents are not the pipeline's
+    with pytest.raises(SystemExit, match="own VAE"):
+        tm.main(["train", "--work", str(tmp_path / "a"), *small, "--steps", "3", "--init-from", str(src)])
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        tm.main(["train", "--work", str(tmp_path / "c"), *small, "--steps", "1", "--init-from", str(tmp_path / "a")])
