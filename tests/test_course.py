@@ -32,7 +32,7 @@ def test_cell_timeout_stops_a_stuck_cell_and_restores_the_environment(tmp_path, 
 
 def test_a_finished_notebook_writes_its_copy(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
-    _notebook(tmp_path / "notebooks" / "ok.ipynb", "import os\nprint(os.environ['FGBG_PROGRESS'])")
+    _notebook(tmp_path / "notebooks" / "ok.ipynb", f"import os\nprint(os.environ[{PROGRESS_ENV!r}])")
     monkeypatch.setattr(course, "repo_root", lambda start=None: tmp_path)
     assert course.run(None, {"out_dir": str(tmp_path / "out")}, ["ok"], cell_timeout=60) == {}
     out = nbformat.read(tmp_path / "out" / "notebooks" / "ok.ipynb", as_version=4)
