@@ -348,10 +348,10 @@ def save_attention_maps(pipe, dataset, out_dir, prompt: str = "a photo of a bird
     extracted map of ``object_word`` on the latent grid (``map``), the maps of
     ``extra_words`` (``map_<word>``, controls such as the non-object token "photo") and the
     image's placement. Resumable; bad images are skipped and reported (StepReport)."""
-    from .data import load_item
+    from .data import dataset_identity, load_item
     from .io import atomic_write_bytes
     from .models import canvas_size, model_fingerprint
-    from .runs import check_run_config, for_each_item
+    from .runs import for_each_item, step_outputs
     import io as _io
     from pathlib import Path
     if extractor not in EXTRACTORS:
@@ -360,11 +360,12 @@ def save_attention_maps(pipe, dataset, out_dir, prompt: str = "a photo of a bird
     extra = {w: find_token_indices(pipe.tokenizer, prompt, w) for w in extra_words}
     canvas = canvas_size(pipe)
     dtype = pipe.unet.dtype
-    check_run_config(Path(out_dir) / subdir, dict(
+    dataset = list(dataset)
+    config = dict(
         model=model_fingerprint(pipe), prompt=prompt, object_word=object_word, extractor=extractor, steps=steps,
         rev_diff_steps=rev_diff_steps, num_inference_steps=num_inference_steps,
         num_repeat_each_diffusion_step=num_repeat_each_diffusion_step, extra_words=list(extra_words), seed=seed,
-        resize_mode=resize_mode), overwrite=overwrite)
+        resize_mode=resize_mode, dataset=dataset_identity(dataset) if dataset else None)
 
     def work(item):
         x, pl, _ = load_item(item, canvas=canvas, mode=resize_mode)
@@ -380,15 +381,26 @@ def save_attention_maps(pipe, dataset, out_dir, prompt: str = "a photo of a bird
                  scale=np.array(pl.scale), mode=np.array(pl.mode), timesteps=np.array(maps.timesteps))
         atomic_write_bytes(attention_path(out_dir, item, subdir), buf.getvalue())
 
-    return for_each_item(f"step 1 ({subdir})", dataset, lambda it: [attention_path(out_dir, it, subdir)], work,
-                         out_dir=out_dir, overwrite=overwrite, progress=progress)
+    with step_outputs(Path(out_dir) / subdir, config, overwrite=overwrite, out_dir=out_dir):
+        return for_each_item(f"step 1 ({subdir})", dataset, lambda it: [attention_path(out_dir, it, subdir)],
+                             work, out_dir=out_dir, progress=progress)
 
 
 def load_attention(out_dir, item, subdir: str = "attention", word: str | None = None):
     """(map on the latent grid, Placement) saved by :func:`save_attention_maps`."""
-    from .data import Placement
-    with np.load(attention_path(out_dir, item, subdir)) as z:
-        c, h, w, ph, pw = (int(v) for v in z["placement"])
-        pl = Placement(canvas=c, scale=float(z["scale"]), height=h, width=w, placed_h=ph, placed_w=pw,
-                       mode=str(z["mode"]))
-        return z["map" if word is None else f"map_{word}"].astype(np.float32), pl
+    from .data import DatasetError, Placement
+    path = attention_path(out_dir, item, subdir)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no step-1 map for {item.rel}; run step 1 first "
+                           f"(notebook 01_attention, or fgbg.attention.save_attention_maps)")
+    try:
+        with np.load(path) as z:
+            c, h, w, ph, pw = (int(v) for v in z["placement"])
+            pl = Placement(canvas=c, scale=float(z["scale"]), height=h, width=w, placed_h=ph, placed_w=pw,
+                           mode=str(z["mode"]))
+            return z["map" if word is None else f"map_{word}"].astype(np.float32), pl
+    except KeyError:
+        raise
+    except Exception as e:  # 0-byte, truncated or not an npz: name the file and what to do
+        raise DatasetError(f"{path}: cannot read the step-1 map ({type(e).__name__}: {e}); rerun step 1 "
+                           f"for it (a rerun recomputes outputs that do not open)") from e

@@ -116,6 +116,19 @@ class Dataset:
         """True when at least one item has a ground-truth mask file."""
         return any(item.gt_path is not None for item in self.items)
 
+    def summary(self) -> str:
+        """What the notebooks print: the counts, whether there is ground truth, and every
+        line of the image list that was left out, with its file, line number and reason."""
+        n = {k: sum(it.split == v for it in self.items) for k, v in SPLITS.items()}
+        counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
+        gt = sum(it.gt_path is not None for it in self.items)
+        lines = [f"{len(self)} images ({counts}; {self.layout} layout) in {self.base_dir}; "
+                 f"ground truth for {gt} of them"]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} line(s) of the image list left out:")
+            lines += [f"  {what}: {why}" for what, why in self.skipped]
+        return "\n".join(lines)
+
 
 def _parse_splits(splits: str | int | Iterable[str | int]) -> list[int]:
     """Turn ("train", 0, ...) into split numbers; a lone name or number is allowed too."""
@@ -135,18 +148,38 @@ def _parse_splits(splits: str | int | Iterable[str | int]) -> list[int]:
     return out
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped text) of every non-blank line."""
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
-    for n, line in enumerate(text.splitlines(), start=1):
+def _lines(path: Path, skipped: list | None = None) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped text) of every non-blank line.
+
+    A line that is not UTF-8 text is left out and recorded in ``skipped`` (file and line)."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # tolerate a byte-order mark
+        raw = raw[3:]
+    for n, bline in enumerate(raw.splitlines(), start=1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if skipped is not None:
+                skipped.append((f"{path.name} line {n}", f"not UTF-8 text ({e.reason} at byte {e.start}): "
+                                                          f"{bline[:80]!r}"))
+            continue
         if line.strip():
             yield n, line.strip()
 
 
-def _unsafe(rel: str) -> bool:
-    """Outputs are written to out_dir/<key>: a path leaving base_dir must not get in."""
+def _normalise_rel(rel: str) -> str:
+    """One spelling per file: backslashes as slashes, ``.`` and repeated slashes removed."""
+    return PurePosixPath(rel.replace("\\", "/")).as_posix()
+
+
+def _unsafe(rel: str) -> str | None:
+    """Why a path of images.txt cannot be used (outputs are written to out_dir/<key>), or None."""
     p = PurePosixPath(rel.replace("\\", "/"))
-    return p.is_absolute() or ".." in p.parts or ":" in p.parts[0]
+    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        return f"path {rel!r} leaves the dataset folder"
+    if not p.parts or p.name in ("", ".") or not PurePosixPath(p.name).stem:
+        return f"path {rel!r} names no file"
+    return None
 
 
 def _first_existing(roots: list[Path], rel: str) -> Path | None:
@@ -159,7 +192,7 @@ def _first_existing(roots: list[Path], rel: str) -> Path | None:
 def _read_reference(base: Path, skipped: list) -> list[tuple[str, int, int]]:
     """(rel, split, line) of every good line of a reference images.txt."""
     entries = []
-    for n, line in _lines(base / "images.txt"):
+    for n, line in _lines(base / "images.txt", skipped):
         fields = line.split()
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
             skipped.append((f"images.txt line {n}",
@@ -172,7 +205,7 @@ def _read_reference(base: Path, skipped: list) -> list[tuple[str, int, int]]:
 def _read_cub(base: Path, skipped: list) -> list[tuple[str, int, int]]:
     """(rel, split, line) of every good line of an official CUB images.txt."""
     split_of: dict[str, int] = {}
-    for n, line in _lines(base / "train_test_split.txt"):
+    for n, line in _lines(base / "train_test_split.txt", skipped):
         fields = line.split()
         if len(fields) != 2 or not fields[0].isdigit() or fields[1] not in ("0", "1"):
             skipped.append((f"train_test_split.txt line {n}",
@@ -182,7 +215,7 @@ def _read_cub(base: Path, skipped: list) -> list[tuple[str, int, int]]:
         else:  # CUB writes 1 = train, 0 = test: the reference's numbers, luckily
             split_of[fields[0]] = int(fields[1])
     entries = []
-    for n, line in _lines(base / "images.txt"):
+    for n, line in _lines(base / "images.txt", skipped):
         fields = line.split()
         if len(fields) != 2 or not fields[0].isdigit():
             skipped.append((f"images.txt line {n}", f"expected '<id> <class>/<name>', got {line!r}"))
@@ -206,7 +239,7 @@ def detect_layout(base_dir: str | Path) -> str:
 
 
 def load_dataset(base_dir: str | Path, splits: str | int | Iterable[str | int] = ("test",),
-                 limit: int | None = None) -> Dataset:
+                 limit: int | None = None, _allow_empty: bool = False) -> Dataset:
     """Read a dataset's image list (layout detected, see the module docstring).
 
     ``splits``: names ("train", "val", "test") or numbers (1, 2, 0). ``limit``: keep the
@@ -233,15 +266,25 @@ def load_dataset(base_dir: str | Path, splits: str | int | Iterable[str | int] =
 
     items: list[Item] = []
     first_line: dict[str, int] = {}
+    key_of: dict[str, tuple[str, int]] = {}  # output key -> (rel, line) of its first image
     per_split = dict.fromkeys(wanted, 0)
     for rel, split, n in entries:
-        if _unsafe(rel):
-            skipped.append((f"images.txt line {n}", f"path {rel!r} leaves the dataset folder"))
+        why = _unsafe(rel)
+        if why:
+            skipped.append((f"images.txt line {n}", why))
             continue
+        rel = _normalise_rel(rel)
         if rel in first_line:
             skipped.append((f"images.txt line {n}", f"{rel!r} repeats line {first_line[rel]}"))
             continue
         first_line[rel] = n
+        key = PurePosixPath(rel).with_suffix("").as_posix()
+        if key in key_of:  # a.png and a.jpg: one output file and one ground truth for two images
+            other, line = key_of[key]
+            skipped.append((f"images.txt line {n}", f"{rel!r} and {other!r} (line {line}) would share the outputs "
+                                                    f"{key}.* and the mask {key}.png; rename one of them"))
+            continue
+        key_of[key] = (rel, n)
         if split not in per_split or (limit is not None and per_split[split] >= limit):
             continue
         per_split[split] += 1
@@ -251,12 +294,49 @@ def load_dataset(base_dir: str | Path, splits: str | int | Iterable[str | int] =
         items.append(Item(rel=rel, split=split, image_path=base / rel,
                           gt_path=_first_existing(gt_roots, mask_rel), line=n,
                           distractor_path=_first_existing(distractor_roots, mask_rel)))
-    if not items:
+    if not items and not _allow_empty:
         names = [k for k, v in SPLITS.items() if v in wanted]
         hint = " (official CUB has no val split)" if layout == "cub" and 2 in wanted else ""
         raise DatasetError(f"{base}: no items in splits {names} ({layout} layout, "
                            f"{len(skipped)} lines skipped){hint}")
     return Dataset(base_dir=base, layout=layout, items=items, skipped=skipped)
+
+
+def _index_files(base: Path) -> list[Path]:
+    return [p for p in (base / "images.txt", base / "train_test_split.txt") if p.is_file()]
+
+
+def dataset_identity(items) -> dict:
+    """What a dataset's outputs are made from: the resolved folder, and a fingerprint of
+    its image list (images.txt, and train_test_split.txt for official CUB) and of the size
+    and modification time of every image it lists. Cheap (one stat per image, no pixels
+    read) and independent of ``splits`` and ``limit``, so a run on a few images and one on
+    all share their outputs, while another dataset, or the same file names with other
+    contents, never does.
+
+    ``items``: a :class:`Dataset` or a list of its :class:`Item` (all from one folder).
+    """
+    import hashlib
+    if isinstance(items, Dataset):
+        base = items.base_dir
+    else:
+        items = list(items)
+        if not items:
+            raise ValueError("dataset_identity: no items")
+        it = items[0]
+        base = Path(str(it.image_path)[: len(str(it.image_path)) - len(it.rel)])
+    base = base.resolve()
+    h = hashlib.sha256()
+    for f in _index_files(base):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    full = load_dataset(base, splits=list(SPLITS), limit=None, _allow_empty=True)
+    for item in full.items:
+        try:
+            st = item.image_path.stat()
+            h.update(f"{item.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{item.rel}\0missing\n".encode())
+    return {"base_dir": str(base), "layout": full.layout, "fingerprint": h.hexdigest()[:16]}
 
 
 # --------------------------------------------------------------------------------------
@@ -477,3 +557,10 @@ def load_item(item: Item, canvas: int = 512, mode: str = "pad",
     img = read_image(item.image_path, max_pixels=max_pixels)
     x, placement = place_image(img, canvas=canvas, mode=mode)
     return x, placement, img
+
+
+if __name__ == "__main__":  # python -m fgbg.data download cub DIR  (see fgbg.download)
+    import sys
+
+    from fgbg.download import main
+    sys.exit(main())

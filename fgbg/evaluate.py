@@ -98,10 +98,51 @@ def split_subsets(items) -> dict[str, list]:
             "distractor": [it for it in test if it.distractor_path is not None]}
 
 
-def update_metrics(out_dir, updates: dict) -> dict:
-    """Merge ``updates`` into ``<out_dir>/metrics.json`` (atomically) and return the whole."""
-    path = Path(out_dir) / "metrics.json"
+METRICS = "metrics.json"
+
+
+def run_identity(items) -> dict:
+    """Which run metrics belong to: the dataset (:func:`fgbg.data.dataset_identity`) and the
+    test-split images scored (their count and a hash of their keys). Two notebooks of one
+    course run agree on it; a run with another dataset or ``limit`` does not."""
+    import hashlib
+
+    from .data import dataset_identity
+    items = list(items)
+    keys = sorted(it.key for it in items if it.split == 0)
+    ds = dataset_identity(items) if items else None
+    return {"dataset": ds and ds["fingerprint"], "base_dir": ds and ds["base_dir"],
+            "test_images": {"n": len(keys), "sha1": hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]}}
+
+
+def _source_ids(out_dir: Path, sources) -> dict[str, str | None]:
+    from .runs import folder_config_id
+    out = {}
+    for src in sources:
+        src = Path(src)
+        rel = src.relative_to(out_dir).as_posix() if src.is_absolute() and src.is_relative_to(out_dir) else str(src)
+        out[rel] = folder_config_id(out_dir / rel)
+    return out
+
+
+def update_metrics(out_dir, updates: dict, *, items, sources) -> dict:
+    """Merge ``updates`` into ``<out_dir>/metrics.json`` (atomically) and return this run's
+    metrics (:func:`current_metrics`).
+
+    ``items``: the images the updates were computed for (their test split names the run,
+    :func:`run_identity`); a metrics.json of another run (another dataset or other test
+    images, e.g. an earlier run with another ``limit``) is replaced, not merged into.
+    ``sources``: the step folders the updates were made from (e.g. ``out_dir/attention``,
+    ``out_dir/masks/prelim``); each row records their run_config ids in ``made_from``, and
+    a row whose sources have since been recomputed with other settings is never shown as
+    this run's.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / METRICS
+    run = run_identity(items)
     metrics = json.loads(path.read_text()) if path.exists() else {}
+    if metrics.get("run") != run:
+        metrics = {"run": run}
 
     def merge(a, b):
         for k, v in b.items():
@@ -110,8 +151,29 @@ def update_metrics(out_dir, updates: dict) -> dict:
             else:
                 a[k] = v
     merge(metrics, updates)
+    ids = _source_ids(out_dir, sources)
+    made_from = metrics.setdefault("made_from", {})
+    for k in updates:
+        made_from[k] = ids
     atomic_write_text(path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    return metrics
+    return current_metrics(out_dir)[0]
+
+
+def current_metrics(out_dir) -> tuple[dict, list[str]]:
+    """``<out_dir>/metrics.json`` without the rows whose step outputs have since been
+    recomputed with other settings; returns (metrics, names of the rows left out)."""
+    from .runs import folder_config_id
+    out_dir = Path(out_dir)
+    path = out_dir / METRICS
+    if not path.exists():
+        return {}, []
+    metrics = json.loads(path.read_text())
+    made_from = metrics.get("made_from", {})
+    stale = sorted(k for k, srcs in made_from.items()
+                   if any(folder_config_id(out_dir / rel) != cid for rel, cid in srcs.items()))
+    for k in stale:
+        metrics.pop(k, None)
+    return metrics, stale
 
 
 def steps12_table(m: dict) -> str:

@@ -49,7 +49,7 @@ from .data import DatasetError, Item, Placement, load_item, map_back, place_mask
 from .io import save_npy, save_png
 from .masks import fill_and_close, prelim_dir, prelim_mask_path, refined_mask
 from .models import canvas_size, model_fingerprint
-from .runs import StepReport, check_run_config, for_each_batch, read_run_config
+from .runs import StepReport, for_each_batch, read_run_config, step_outputs
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -250,28 +250,32 @@ def crop_baseline(img: np.ndarray, m_pre: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- dataset runs
+INPAINT_OUTPUT_DIRS = ("inpaint", "diff", "masks/refined", "masks/crop")
+"""The folders step 4 writes below out_dir; the first holds its run_config.json."""
+
+
 def _path(out_dir: str | Path, sub: str, item: Item, suffix: str = ".png") -> Path:
     return Path(out_dir) / sub / f"{item.key}{suffix}"
 
 
 def inpainted_path(out_dir: str | Path, item: Item) -> Path:
     """``out_dir/inpaint/<key>.png``: the inpainted image in the original grid."""
-    return _path(out_dir, "inpaint", item)
+    return _path(out_dir, INPAINT_OUTPUT_DIRS[0], item)
 
 
 def diff_path(out_dir: str | Path, item: Item, suffix: str = ".npy") -> Path:
     """``out_dir/diff/<key>.npy``: D as float16 (0..255 scale); ``suffix=".png"``: D as uint8 for viewing."""
-    return _path(out_dir, "diff", item, suffix)
+    return _path(out_dir, INPAINT_OUTPUT_DIRS[1], item, suffix)
 
 
 def refined_mask_path(out_dir: str | Path, item: Item) -> Path:
     """``out_dir/masks/refined/<key>.png``: the refined mask M (0/255)."""
-    return _path(out_dir, "masks/refined", item)
+    return _path(out_dir, INPAINT_OUTPUT_DIRS[2], item)
 
 
 def crop_mask_path(out_dir: str | Path, item: Item) -> Path:
     """``out_dir/masks/crop/<key>.png``: the M_crop baseline mask (0/255)."""
-    return _path(out_dir, "masks/crop", item)
+    return _path(out_dir, INPAINT_OUTPUT_DIRS[3], item)
 
 
 def _to_original(x: torch.Tensor, placement: Placement) -> np.ndarray:
@@ -334,11 +338,14 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
     canvas = canvas_size(pipe)
     grid = canvas // pipe.vae_scale_factor
     out_dir = Path(out_dir)
-    check_run_config(out_dir / "inpaint", dict(
+    m_pre_run = read_run_config(prelim_dir(out_dir))
+    if m_pre_run is None:
+        raise FileNotFoundError(f"{prelim_dir(out_dir)}: no M_pre run there; run steps 1-2 first (notebooks "
+                                f"01_attention and 02_masks with the same out_dir)")
+    config = dict(
         model=model_fingerprint(pipe), prompt=prompt, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, seed=seed, resize_mode=resize_mode, close_and_fill=close_and_fill,
-        crop=crop, m_pre_upsampling=m_pre_upsampling, m_pre=read_run_config(prelim_dir(out_dir))),
-        overwrite=overwrite)
+        crop=crop, m_pre_upsampling=m_pre_upsampling, m_pre=m_pre_run)
 
     def outputs(item: Item) -> list[Path]:
         paths = [inpainted_path(out_dir, item), diff_path(out_dir, item), diff_path(out_dir, item, ".png"),
@@ -392,8 +399,10 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
             save_png(crop_mask_path(out_dir, item), m_crop.astype(np.uint8) * 255)
         return note
 
-    return for_each_batch("step 4 (inpainting)", items, outputs, load, work, finish, batch_size=batch_size,
-                          out_dir=out_dir, overwrite=overwrite, progress=progress)
+    also = tuple(out_dir / sub for sub in INPAINT_OUTPUT_DIRS[1:])
+    with step_outputs(out_dir / INPAINT_OUTPUT_DIRS[0], config, overwrite=overwrite, also=also, out_dir=out_dir):
+        return for_each_batch("step 4 (inpainting)", items, outputs, load, work, finish, batch_size=batch_size,
+                              out_dir=out_dir, progress=progress)
 
 
 # --------------------------------------------------------------------------- fg-vs-bg sampling

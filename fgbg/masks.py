@@ -190,10 +190,12 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
     from .attention import load_attention
     from .data import valid_region, map_back
     from .io import save_png
-    from .runs import check_run_config, for_each_item, read_run_config
+    from .runs import for_each_item, read_run_config, step_outputs
 
-    check_run_config(prelim_dir(out_dir),
-                     {"step1": read_run_config(Path(out_dir) / attention_subdir), "seed": seed}, overwrite=overwrite)
+    step1 = read_run_config(Path(out_dir) / attention_subdir)
+    if step1 is None:
+        raise FileNotFoundError(f"{Path(out_dir) / attention_subdir}: no step-1 run there; run step 1 first "
+                                f"(notebook 01_attention with the same out_dir, or fgbg.attention.save_attention_maps)")
 
     def work(item):
         amap, pl = load_attention(out_dir, item, attention_subdir)
@@ -203,5 +205,6 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
         m = map_back(preliminary_mask(amap, valid, seed), pl, "nearest")
         save_png(prelim_mask_path(out_dir, item), m.astype(np.uint8) * 255)
 
-    return for_each_item("step 2 (M_pre)", dataset, lambda it: [prelim_mask_path(out_dir, it)], work,
-                         out_dir=out_dir, overwrite=overwrite, progress=progress)
+    with step_outputs(prelim_dir(out_dir), {"step1": step1, "seed": seed}, overwrite=overwrite, out_dir=out_dir):
+        return for_each_item("step 2 (M_pre)", dataset, lambda it: [prelim_mask_path(out_dir, it)], work,
+                             out_dir=out_dir, progress=progress)

@@ -1,12 +1,26 @@
-"""Running a step over a whole dataset without losing work.
+"""Running a step over a whole dataset without losing work, and without mixing results.
 
 Every per-image result is written atomically; a rerun skips images whose outputs
-exist; an image that fails (unreadable file, wrong mask size, ...) is reported and
-skipped, never fatal to the rest of the run. The skipped images are listed at the end
+exist and open; an image that fails (unreadable file, wrong mask size, ...) is reported
+and skipped, never fatal to the rest of the run. The skipped images are listed at the end
 and appended to ``<out_dir>/skipped.txt``.
+
+Each step writes into its own folders and declares what its outputs are made from
+(model, settings, dataset, upstream run) in ``run_config.json`` before writing any (see
+:func:`step_outputs`): a later run with anything else is refused, never mixed in; an
+overwrite removes the old outputs *before* the new settings are declared, so a run
+killed half-way never leaves results of the old setting under the new one. One process
+at a time writes a step's folders (a lock beside them). An error that no next image can
+avoid (disk full, read-only or forbidden out_dir) stops the run at once with
+:class:`OutputError`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import os
+import shutil
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,39 +60,200 @@ class RunConfigError(ValueError):
     """Outputs in a folder were made with other settings than this run's."""
 
 
+class RunLockedError(RuntimeError):
+    """Another process is writing the same step's outputs right now."""
+
+
+class OutputError(RuntimeError):
+    """Outputs cannot be written at all (disk full, read-only or forbidden folder): no
+    next image can avoid it, so the run stops at once instead of skipping every image."""
+
+
 RUN_CONFIG = "run_config.json"
+
+# errno values that no next image can avoid when writing outputs
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def fatal_output_error(e: BaseException, out_dir: str | Path | None = None) -> OutputError | None:
+    """An :class:`OutputError` for an OSError that would hit every image alike (disk full,
+    read-only file system; permission denied on a path under ``out_dir``), else None."""
+    if not isinstance(e, OSError) or e.errno is None:
+        return None
+    name = e.filename
+    denied_here = e.errno in _DENIED_ERRNOS and out_dir is not None and name is not None and \
+        _is_under(Path(os.fsdecode(name)), Path(out_dir))
+    if e.errno in _FATAL_ERRNOS or denied_here:
+        where = f" ({os.fsdecode(name)})" if name is not None else ""
+        return OutputError(f"cannot write outputs{where}: {e.strerror or e}; the run stops here "
+                           f"(free space or fix the permissions of {out_dir or 'the output folder'}, then rerun: "
+                           f"finished images are kept)")
+    return None
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def read_run_config(folder: str | Path) -> dict | None:
     """The settings recorded by :func:`check_run_config` in ``folder``, or None."""
-    import json
     path = Path(folder) / RUN_CONFIG
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_run_config(folder: str | Path, config: dict, overwrite: bool = False) -> None:
+def config_id(config: dict | None) -> str | None:
+    """A short hash of a run's settings (what metrics and later steps record as their source)."""
+    if config is None:
+        return None
+    import hashlib
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def folder_config_id(folder: str | Path) -> str | None:
+    """:func:`config_id` of the run_config.json in ``folder`` (None when there is none)."""
+    return config_id(read_run_config(folder))
+
+
+def _normalise(config: dict) -> dict:
+    return json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
+
+
+def _describe_diff(old: dict, new: dict) -> str:
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+    def short(v):
+        r = repr(v)
+        return r if len(r) <= 120 else r[:117] + "..."
+    return "; ".join(f"{k}: {short(old.get(k))} then, {short(new.get(k))} now" for k in diff)
+
+
+OVERWRITE_HINT = ("Use a new out_dir (e.g. `-p out_dir runs/other`, or `out_dir = \"runs/other\"` in the "
+                  "parameters cell), or recompute this step's outputs with overwrite (`-p overwrite true`, "
+                  "`overwrite = True`, or overwrite=True in Python).")
+
+
+def clear_folder(folder: str | Path) -> None:
+    """Remove ``folder`` and everything in it so that no old output survives: renamed
+    away first (atomic), then deleted; leftovers of an interrupted clear are deleted too."""
+    folder = Path(folder)
+    parent = folder.parent
+    for old in parent.glob(f".{folder.name}.stale-*") if parent.is_dir() else ():
+        shutil.rmtree(old, ignore_errors=True)
+    if not folder.exists():
+        return
+    stale = parent / f".{folder.name}.stale-{os.getpid()}"
+    os.replace(folder, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_run_config(folder: str | Path, config: dict, overwrite: bool = False,
+                     also: tuple[str | Path, ...] = ()) -> None:
     """Refuse to mix outputs of different settings in one folder.
 
     The first run writes ``<folder>/run_config.json``; a later run with a different
-    ``config`` (another model, prompt, seed, ...) raises :class:`RunConfigError` naming the
-    differences, because skipping "finished" images would silently reuse the other
-    run's results. ``overwrite=True`` recomputes everything and records the new config.
-    """
-    import json
+    ``config`` (another model, prompt, seed, dataset, upstream run, ...) raises
+    :class:`RunConfigError` naming the differences, because skipping "finished" images
+    would silently reuse the other run's results.
 
-    from .io import atomic_write_text
-    path = Path(folder) / RUN_CONFIG
-    config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
-    old = None if overwrite else read_run_config(folder)
-    if old is not None:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            raise RunConfigError(
-                f"{path}: these outputs were made with other settings ("
-                + "; ".join(f"{k}: {old.get(k)!r} then, {config.get(k)!r} now" for k in diff)
-                + "). Use a new out_dir, delete the folder, or pass overwrite=True.")
+    ``overwrite=True``, or a folder holding outputs without a run_config.json, removes
+    ``folder`` and the step's other output folders ``also`` *first* and only then records
+    the new config: a run killed in between leaves no output of the old setting.
+    """
+    folder = Path(folder)
+    path = folder / RUN_CONFIG
+    config = _normalise(config)
+    old = read_run_config(folder)
+    if old is not None and not overwrite:
+        if old != config:
+            raise RunConfigError(f"{path}: these outputs were made with other settings ("
+                                 f"{_describe_diff(old, config)}). {OVERWRITE_HINT}")
         return
+    for f in (*also, folder):  # the config goes last, so it is never declared over old outputs
+        clear_folder(f)
+    from .io import atomic_write_text
     atomic_write_text(path, json.dumps(config, indent=1))
+
+
+@contextlib.contextmanager
+def step_lock(folder: str | Path):
+    """Hold an exclusive lock on a step's folder (``.<name>.lock`` beside it) while a step
+    writes there; another process gets :class:`RunLockedError` at once instead of writing
+    the same files. The lock goes with the process, also when it is killed."""
+    import fcntl
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.parent / f".{folder.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunLockedError(f"{folder}: another process (pid {other}) is writing this step's outputs "
+                                 f"right now; wait for it to finish, or use another out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_orphans(folder: str | Path) -> int:
+    """Delete the temporary files of interrupted atomic writes (``.*.tmp``) under ``folder``
+    (call it while holding the step's lock); returns how many were removed."""
+    folder = Path(folder)
+    n = 0
+    if folder.is_dir():
+        for p in folder.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def step_outputs(folder: str | Path, config: dict, overwrite: bool = False, also: tuple[str | Path, ...] = (),
+                 out_dir: str | Path | None = None):
+    """The frame of every dataset step: lock the step's folders, refuse or clear outputs of
+    other settings (:func:`check_run_config`), remove leftovers of interrupted writes, and
+    turn an output folder that cannot be written into one clear :class:`OutputError`."""
+    with step_lock(folder):
+        try:
+            check_run_config(folder, config, overwrite=overwrite, also=also)
+        except OSError as e:
+            raise (fatal_output_error(e, out_dir or Path(folder).parent) or e) from e
+        for f in (folder, *also):
+            remove_orphans(f)
+        yield
+
+
+def is_complete(path: Path) -> bool:
+    """True when a finished output is there and opens: a 0-byte or truncated .npz, .npy or
+    .png (e.g. copied or restored half-way) counts as missing and is recomputed."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            import zipfile
+            with zipfile.ZipFile(path) as z:
+                return z.testzip() is None
+        if suffix == ".npy":
+            import numpy as np
+            np.load(path, mmap_mode="r")
+            return True
+        if suffix == ".png":
+            from PIL import Image
+            with Image.open(path) as im:
+                im.verify()
+            return True
+        return True
+    except Exception:
+        return False
 
 
 @dataclass
@@ -110,14 +285,17 @@ def for_each_item(step: str, items: Iterable[Item], outputs: Callable[[Item], li
     items = list(items)
     report = StepReport(step)
     for item in progress_bar(items, desc=step, disable=not progress, leave=False):
-        if not overwrite and all(p.exists() for p in outputs(item)):
+        if not overwrite and all(is_complete(p) for p in outputs(item)):
             report.reused.append(item.key)
             continue
         try:
             work(item)
             report.done.append(item.key)
         except expected as e:
+            _stop_if_fatal(e, out_dir)
             report.skipped.append((item.rel, f"{type(e).__name__}: {e}"))
+        except OutputError:
+            raise
         except Exception:
             print(f"{step}: unexpected error on {item.rel} (line {item.line}):\n{traceback.format_exc()}")
             raise
@@ -125,14 +303,24 @@ def for_each_item(step: str, items: Iterable[Item], outputs: Callable[[Item], li
     return report
 
 
+def _stop_if_fatal(e: BaseException, out_dir) -> None:
+    fatal = fatal_output_error(e, out_dir)
+    if fatal is not None:
+        raise fatal from e
+
+
 def _append_skipped(report: StepReport, out_dir: str | Path | None) -> None:
     """Append the report's skipped images to ``<out_dir>/skipped.txt`` (step, image, why)."""
     if out_dir is not None and report.skipped:
         path = Path(out_dir) / "skipped.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for what, why in report.skipped:
-                f.write(f"{report.step}\t{what}\t{why}\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                for what, why in report.skipped:
+                    f.write(f"{report.step}\t{what}\t{why}\n")
+        except OSError as e:
+            _stop_if_fatal(e, out_dir)
+            raise
 
 
 def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], list[Path]],
@@ -163,7 +351,10 @@ def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], l
         try:
             return True, fn()
         except expected as e:
+            _stop_if_fatal(e, out_dir)
             report.skipped.append((item.rel, f"{type(e).__name__}: {e}"))
+        except OutputError:
+            raise
         except Exception:
             print(f"{step}: unexpected error on {item.rel} (line {item.line}):\n{traceback.format_exc()}")
             raise
@@ -173,6 +364,7 @@ def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], l
         try:
             results = work([data for _, data in batch])
         except expected as e:
+            _stop_if_fatal(e, out_dir)
             report.skipped.extend((item.rel, f"{type(e).__name__}: {e}") for item, _ in batch)
             bar.update(len(batch))
             return
@@ -190,7 +382,7 @@ def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], l
 
     batch: list[tuple[Item, Any]] = []
     for item in items:
-        if not overwrite and all(p.exists() for p in outputs(item)):
+        if not overwrite and all(is_complete(p) for p in outputs(item)):
             report.reused.append(item.key)
             bar.update(1)
             continue

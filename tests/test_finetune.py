@@ -11,6 +11,7 @@ from fgbg import finetune as ft
 from fgbg.data import load_dataset, read_mask
 from fgbg.io import save_png
 from fgbg.masks import prelim_mask_path
+from conftest import declare_m_pre_run
 from fgbg.models import ModelLoadError
 
 
@@ -125,6 +126,7 @@ def train_items(mini_dataset, tmp_path):
     out = tmp_path / "out"
     for it in ds.items[:2]:
         save_png(prelim_mask_path(out, it), read_mask(it.gt_path).astype(np.uint8) * 255)
+    declare_m_pre_run(out)
     return ds.items, out
 
 
@@ -132,6 +134,7 @@ def _copy_dir_prelims(src, dst, items):
     for it in items:
         if prelim_mask_path(src, it).exists():
             save_png(prelim_mask_path(dst, it), np.asarray(read_mask(prelim_mask_path(src, it)), np.uint8) * 255)
+    declare_m_pre_run(dst)
 
 
 def test_finetune_files_weights_resume_and_skip(tiny_pipe, train_items, tmp_path):
@@ -214,6 +217,10 @@ def test_finished_run_of_another_base_model_or_m_pre_is_refused(tiny_pipe, train
 
 def test_finetune_without_usable_items(tiny_pipe, mini_dataset, tmp_path):
     ds = load_dataset(mini_dataset, splits=["train"])
+    with pytest.raises(FileNotFoundError, match="run steps 1-2 first"):  # no step 2 at all
+        ft.finetune(tiny_pipe, ds.items, tmp_path / "empty", ft.FinetuneConfig(steps=1, batch_size=1),
+                    progress=False)
+    declare_m_pre_run(tmp_path / "empty")  # a step-2 run whose masks are all missing
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):
         ft.finetune(tiny_pipe, ds.items, tmp_path / "empty", ft.FinetuneConfig(steps=1, batch_size=1),
                     progress=False)

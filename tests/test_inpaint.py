@@ -11,6 +11,7 @@ from fgbg import inpaint
 from fgbg.attention import encode_images, seed_for
 from fgbg.data import Placement, load_dataset, load_item, place_mask, read_image, read_mask
 from fgbg.io import save_png
+from conftest import declare_m_pre_run
 from fgbg.masks import fill_and_close, prelim_mask_path
 
 STEPS = 3
@@ -242,6 +243,7 @@ def test_dataset_run(tiny_pipe, mini_dataset, tmp_path):
             m = np.zeros(shape, bool)
             m[shape[0] // 4:shape[0] * 3 // 4, shape[1] // 3:shape[1] * 2 // 3] = True
         save_png(prelim_mask_path(out, it), m.astype(np.uint8) * 255)
+    declare_m_pre_run(out)
 
     rep = _run(tiny_pipe, ds, out)
     skipped = dict(rep.skipped)
@@ -303,6 +305,7 @@ def test_dataset_run(tiny_pipe, mini_dataset, tmp_path):
     for it in ds:
         if prelim_mask_path(out, it).exists():
             save_png(prelim_mask_path(other, it), np.asarray(Image.open(prelim_mask_path(out, it))))
+    declare_m_pre_run(other)
     _run(tiny_pipe, ds, other, batch_size=2)
     for it in ds:
         if it.key in rep.done:  # ... and the same, whatever the batches

@@ -131,16 +131,19 @@ def test_metrics_json_schema(tiny_pipe, mini_dataset, tmp_path):
     sub = evaluate.split_subsets(ds)
     t, _ = evaluate.evaluate_steps12(sub["test"], out)
     d, _ = evaluate.evaluate_steps12(sub["distractor"], out)
-    evaluate.update_metrics(out, {**t, "distractor": d})
+    sources = [out / "attention", out / "attention_untrained", masks.prelim_dir(out)]
+    evaluate.update_metrics(out, {**t, "distractor": d}, items=ds.items, sources=sources)
     m = json.loads((out / "metrics.json").read_text())
     for key in ("step1_auc", "prelim", "baselines", "controls", "distractor"):
         assert key in m
     assert set(m["baselines"]) == {"centre", "saliency"} and set(m["baselines"]["centre"]) >= {"auc", "iou"}
     assert set(m["controls"]) == {"untrained", "photo_token"}
     assert "bird_vs_distractor_auc" in m["distractor"] and "bird_vs_distractor_auc" not in m
-    evaluate.update_metrics(out, {"prelim": {"extra": 1}})  # merging keeps the rest
+    evaluate.update_metrics(out, {"prelim": {"extra": 1}}, items=ds.items, sources=sources)  # merging keeps the rest
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["prelim"]["extra"] == 1 and m2["prelim"]["iou"] == m["prelim"]["iou"]
+    assert m2["run"]["test_images"]["n"] == len(ds) and set(m2["made_from"]["step1_auc"]) == {
+        "attention", "attention_untrained", "masks/prelim"}
 
 
 def test_unknown_word_and_extractor_are_clear_errors(tiny_pipe, mini_dataset, tmp_path):
