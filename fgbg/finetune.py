@@ -188,10 +188,14 @@ def finetuned_dir(out_dir) -> Path:
 
 
 def _autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype of fine-tuning (None: fp32). ``auto``: fp32 off CUDA, else the
+    rule of :func:`fgbg.models.native_half_dtype` (bf16 from compute capability 8.0, fp16
+    on older GPUs such as the T4, where ``finetune`` then scales the loss)."""
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from . import models
+        return models.native_half_dtype(device)
     if mode == "fp16" and device.type != "cuda":
         raise ValueError(f"FinetuneConfig.mixed_precision='fp16' needs a CUDA device, got {device}")
     return torch.bfloat16 if mode == "bf16" else torch.float16
@@ -251,7 +255,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     _atomic(path, lambda f: torch.save(state, f))
 
 
-def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progress: bool = True) -> dict:
+def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
     """Step 3: fine-tune ``pipe.unet`` on ``items`` (the training images) and their M_pre.
 
     Needs ``masks.prelim_mask_path(out_dir, item)`` (step 2) for every item; an item whose
@@ -268,9 +273,12 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     loaded and ``pipe`` is left as it is: load the result with :func:`load_finetuned`.
     Otherwise a ``checkpoint.pt`` of the same config is resumed from its step (a different
     config or item list raises ValueError: delete the folder or use another ``out_dir``).
-    "Config" here includes a fingerprint of ``pipe``'s weights (``base_model``) and the M_pre
-    run recorded by step 2 (``m_pre_run``): a finished run of another model or of other
-    masks is refused, never silently reused.
+    "Config" here includes a fingerprint of ``pipe``'s weights (``base_model``), the M_pre
+    run recorded by step 2 (``m_pre_run``, which names step 1's model, settings and dataset)
+    and the training items (``items``): a finished run of another model, of other masks or
+    on other images is refused (:class:`fgbg.runs.RunConfigError`), never silently reused.
+    ``overwrite=True`` deletes ``<out_dir>/finetuned`` first and trains anew. One process at
+    a time: a second one gets :class:`fgbg.runs.RunLockedError`.
 
     After training, ``pipe.unet`` holds the EMA weights, in its original dtype, in eval
     mode with gradients off (also if training stops with an error, minus the EMA copy).
@@ -283,23 +291,50 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     from .io import atomic_write_text
     from .masks import prelim_dir
     from .models import model_fingerprint
-    from .runs import progress_bar, read_run_config
+    from .runs import step_lock
 
     config = config or FinetuneConfig()
     config.check()
-    # what the result depends on besides the config: the base weights and the M_pre run
-    cfg = dict(asdict(config), base_model=model_fingerprint(pipe),
-               m_pre_run=read_run_config(prelim_dir(out_dir)))
+    fin = finetuned_dir(out_dir)
+    with step_lock(fin):
+        return _finetune(pipe, list(items), out_dir, config, progress, overwrite)
+
+
+def _training_set_id(items) -> dict:
+    """The training images' identity: how many, and a hash of their paths in order."""
+    import hashlib
+    rels = [it.rel for it in items]
+    return {"n": len(rels), "sha1": hashlib.sha1("\n".join(rels).encode()).hexdigest()[:12]}
+
+
+def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, overwrite: bool) -> dict:
+    from diffusers import DDPMScheduler
+    from .attention import encode_prompt
+    from .io import atomic_write_text
+    from .masks import prelim_dir
+    from .models import model_fingerprint
+    from .runs import OVERWRITE_HINT, RunConfigError, clear_folder, progress_bar, read_run_config, remove_orphans
+
+    m_pre_run = read_run_config(prelim_dir(out_dir))
+    if m_pre_run is None:
+        raise FileNotFoundError(f"{prelim_dir(out_dir)}: no M_pre run there; run steps 1-2 first (notebooks "
+                                f"01_attention and 02_masks with the same out_dir)")
+    # what the result depends on besides the config: the base weights, the M_pre run, the images
+    cfg = json.loads(json.dumps(dict(asdict(config), base_model=model_fingerprint(pipe), m_pre_run=m_pre_run,
+                                     items=_training_set_id(items))))
     fin = finetuned_dir(out_dir)
     done_path, ckpt_path, loss_path = fin / "done.json", fin / "checkpoint.pt", fin / "loss.jsonl"
+    if overwrite:
+        clear_folder(fin)
+    remove_orphans(fin)  # a checkpoint write cut short by a kill
 
     if done_path.exists():
         done = json.loads(done_path.read_text())
         if done.get("steps") == config.steps:
             diff = _same_config(done.get("config", {}), cfg)
             if diff:
-                raise ValueError(f"{fin} holds a fine-tuning run with another config (fields {', '.join(diff)} "
-                                 f"differ); delete {fin} or choose another out_dir")
+                raise RunConfigError(f"{fin} holds a fine-tuning run with another config (fields {', '.join(diff)} "
+                                     f"differ). {OVERWRITE_HINT}")
             return {"steps": config.steps, "skipped": [tuple(s) for s in done.get("skipped", [])],
                     "loss": [r["loss"] for r in _read_losses(loss_path)], "path": str(fin), "reused": True}
 
@@ -347,8 +382,8 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
                 diff = _same_config(st["config"], cfg)
                 if diff or st["items"] != rels:
                     what = f"fields {', '.join(diff)} differ" if diff else "the training items differ"
-                    raise ValueError(f"{ckpt_path} was written by a run with another config ({what}); delete "
-                                     f"{fin} or choose another out_dir")
+                    raise RunConfigError(f"{ckpt_path} was written by a run with another config ({what}). "
+                                         f"{OVERWRITE_HINT}")
                 if st["step"] > config.steps:
                     raise ValueError(f"{ckpt_path} is at step {st['step']}, beyond steps={config.steps}; "
                                      f"delete {fin} or choose another out_dir")

@@ -26,6 +26,20 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message, first line only, at most ``limit`` characters."""
+    lines = str(e).strip().splitlines()
+    line = lines[0].strip() if lines else type(e).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _only_pickles(folder: Path) -> bool:
+    """Whether a component folder has pickled weights (.bin, .pt, .ckpt, .pth) and no safetensors."""
+    files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
+    return (not any(f.endswith(".safetensors") for f in files)
+            and any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files))
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
         return torch.device(device)
@@ -36,7 +50,29 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def native_half_dtype(device: torch.device | str) -> torch.dtype:
+    """The reduced precision ``device`` computes natively: the one rule behind ``dtype:
+    auto`` (:func:`pick_dtype`, inference) and ``mixed_precision: auto`` (fine-tuning).
+
+    * CUDA, compute capability >= 8.0 (A100, A10, RTX 30xx/40xx, H100): bf16;
+    * CUDA, older (T4 = 7.5, V100 = 7.0): fp16. ``torch.cuda.is_bf16_supported()`` says
+      True there too, because it counts emulation, but emulated bf16 is many times slower
+      than fp16 (fine-tuning in fp16 uses loss scaling, see ``fgbg.finetune``);
+    * Apple MPS: fp16;
+    * CPU: fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, _minor = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """``dtype`` when given (a torch dtype or fp32 / fp16 / bf16), else, for None or
+    "auto", :func:`native_half_dtype` of ``device``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype and dtype != "auto":
@@ -45,15 +81,18 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
                     "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
         except KeyError:
             raise ValueError(f"parameter `dtype`: unknown {dtype!r}; use auto, fp32, fp16 or bf16") from None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
+    return native_half_dtype(device)
 
 
-def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str | torch.dtype | None = None):
-    """A StableDiffusionPipeline on the chosen device, in eval mode, without safety checker."""
+def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str | torch.dtype | None = None,
+                  allow_pickle: bool = False):
+    """A StableDiffusionPipeline on the chosen device, in eval mode, without safety checker.
+
+    Weights are read from safetensors only: a pickled ``.bin`` can run code when it is
+    loaded, so a folder or hub repository with only pickles is refused with a
+    :class:`ModelLoadError` saying how to convert it, unless ``allow_pickle=True`` (for
+    files you trust). Every ModelLoadError is one line.
+    """
     from diffusers import StableDiffusionPipeline
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -69,20 +108,34 @@ def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str
                    if not (path / p).exists()]
         if missing:
             raise ModelLoadError(f"{path} is not a complete diffusers pipeline folder: missing {', '.join(missing)}")
+        pickled = [p for p in ("unet", "vae", "text_encoder") if _only_pickles(path / p)]
+        if pickled and not allow_pickle:
+            raise ModelLoadError(
+                f"{path}: the weights of {', '.join(pickled)} are pickles (.bin), which can run code when loaded; "
+                f"convert the folder to safetensors once: python -c \"from diffusers import StableDiffusionPipeline "
+                f"as P; P.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" "
+                f"and use {str(path) + '-safetensors'!r}, or, if you trust the files, "
+                f"load_pipeline(..., allow_pickle=True)")
         source = str(path)
     else:
         source = model
-    kw = dict(torch_dtype=dt, safety_checker=None, requires_safety_checker=False)
+    kw = dict(torch_dtype=dt, safety_checker=None, requires_safety_checker=False,
+              use_safetensors=None if allow_pickle else True)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kw)
     except (OSError, ValueError, ConnectionError) as e:
+        why = f"{type(e).__name__}: {_first_line(e)}"
         if source == model and "/" in model and not Path(model).exists():
+            name = model.rstrip("/").split("/")[-1]
+            if "safetensors" in str(e) and not allow_pickle:
+                raise ModelLoadError(
+                    f"could not load {model!r} from the Hugging Face hub ({why}): it seems to have no safetensors "
+                    f"weights; if you trust its pickles, load_pipeline({model!r}, allow_pickle=True)") from e
             raise ModelLoadError(
-                f"could not load {model!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
-                "Offline? Use the built-in model with model='teaching', or download the pipeline where you "
-                "have internet (`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir sd14`) and "
-                "pass the folder: model='sd14'.") from e
-        raise ModelLoadError(f"could not load the pipeline from {source}: {e}") from e
+                f"could not load {model!r} from the Hugging Face hub ({why}). Offline? Use the built-in model with "
+                f"model='teaching', or download the pipeline where you have internet (`hf download {model} "
+                f"--local-dir {name}`) and pass the local folder: model='{name}'") from e
+        raise ModelLoadError(f"could not load the pipeline from {source} ({why})") from e
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
