@@ -28,8 +28,9 @@ demo: setup
 	$(BIN)/python -m fgbg.course run -f $(PARAMS)
 
 # nbval runs the notebooks with their parameters cells' defaults, writing to runs/nbval
-# (FGBG_OUT_DIR) so that it never reuses or touches runs/demo. FGBG_PROGRESS=0: no progress
-# widgets; nbval reads a cell's messages only after it ends and can lose "idle" among thousands.
+# (FGBG_OUT_DIR) so that it never reuses or touches runs/demo. FGBG_PROGRESS=0 (fgbg.runs.PROGRESS_ENV):
+# a batch run, so no progress widgets (nbval reads a cell's messages only after it ends and can
+# lose "idle" among thousands) and no image-browser widget (fgbg.viz.browse draws a static figure).
 test: setup
 	$(BIN)/python -m pytest -q tests
 	rm -rf runs/nbval

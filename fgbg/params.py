@@ -5,57 +5,131 @@ overrides them from ``params/*.yaml`` or ``-p name value``. Names follow the ref
 code where it has one (base_dir, out_dir, rev_diff_steps,
 num_repeat_each_diffusion_step, foreground_prompt, background_prompt).
 
-An unknown name (a typo) or a value of the wrong type is an error that names the
-parameter and the file: a misspelt ``rev_diff_step`` must not silently run the default.
+An unknown name (a typo), a value of the wrong type or a value outside the parameter's
+allowed range or set (``SCHEMA``'s last field: ``seg_iterations`` >= 1, ``dtype`` one of
+auto/fp32/fp16/bf16, ...) is an error that names the parameter and where it came from
+(the file, or the command line's ``-p``): a misspelt ``rev_diff_step`` must not silently
+run the default, and ``seg_iterations: -1`` must not silently train nothing.
 """
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
-# name: (type or tuple of types, default, help). None in the types: may be null.
-SCHEMA: dict[str, tuple[tuple, Any, str]] = {
-    "model": ((str,), "teaching", "'teaching' (built in), a local diffusers folder, or a hub id"),
-    "base_dir": ((str,), "data/miniworld", "dataset folder (reference or CUB_200_2011 layout)"),
-    "make_mini_world": ((bool,), True, "write the mini-world dataset to base_dir if it is missing "
-                        "(or older than miniworld.json)"),
-    "out_dir": ((str,), "runs/demo", "where per-image outputs and metrics.json go"),
-    "foreground_prompt": ((str,), "a photo of a bird", "prompt of step 1 (and the object prompt of step 3)"),
-    "object_word": ((str,), "bird", "the word of the prompt whose attention is the object"),
-    "background_prompt": ((str,), "a photo of a background", "prompt of the background concept (steps 3-4)"),
-    "extractor": ((str,), "relevant_token_step_mean", "how step 1 aggregates maps (see fgbg.attention)"),
-    "steps": ((int, type(None)), None, "mean over the last `steps` noise levels only (None: all)"),
-    "rev_diff_steps": ((int,), 40, "T0: how many of the lowest DDIM levels step 1 uses"),
-    "num_inference_steps": ((int,), 50, "T: the DDIM grid the levels come from"),
-    "num_repeat_each_diffusion_step": ((int,), 1, "N: noise draws per level"),
-    "splits": ((list,), ["train", "test"], "which splits steps 1-2 run on (the method needs train and test)"),
-    "limit": ((int, type(None)), None, "at most this many images per split (None: all)"),
-    "resize_mode": ((str,), "pad", "'pad' (reference: top-left on a -1 canvas) or 'resize'"),
-    "controls": ((bool,), True, "also run the untrained-network control of step 1"),
-    "unet_batch": ((int,), 40, "UNet samples per forward pass in step 1"),
-    # step 3: fine-tuning (concept distillation)
-    "finetune_steps": ((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000)"),
-    "finetune_batch_size": ((int,), 8, "fine-tuning batch size (reference 8)"),
-    "finetune_lr": ((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)"),
-    # step 4: inpainting and refined masks
-    "inpaint_batch_size": ((int,), 16, "images per batch of the inpainting sampler"),
-    "m_pre_upsampling": ((str,), "bilinear", "M_pre to pixels for M: 'bilinear' (reference, dilates by up to "
-                         "half a latent cell) or 'nearest' (exact blocks)"),
-    "close_and_fill": ((bool,), False, "optional clean-up of M: 3x3 closing, then hole filling"),
-    "fg_bg_guidance": ((float, int), 3.0, "scale s of foreground-vs-background guidance for samples"),
-    # step 5: segmentation network
-    "seg_size": ((int,), 64, "U-Net input size (the paper: 128)"),
-    "seg_width": ((int,), 8, "U-Net channels of the first level, doubled per level (4 levels)"),
-    "seg_iterations": ((int,), 600, "U-Net training iterations (the paper: about 12k)"),
-    "seg_batch_size": ((int,), 16, "U-Net batch size (the paper: 32)"),
-    "seg_lr": ((float, int), 2e-3, "Adam learning rate of the U-Net (the paper: 2e-3)"),
-    "seed": ((int,), 0, "seed of every random draw"),
-    "device": ((str,), "auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'"),
-    "dtype": ((str,), "auto", "'auto' (bf16/fp16 on GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'"),
-}
 SPLIT_NAMES = ("train", "val", "test")
 RESIZE_MODES = ("pad", "resize")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class Allowed:
+    """The values a parameter may take beyond its type: ``text`` says which (it ends the
+    error message "parameter 'x' must be <text>"), ``test(value)`` says whether ``value``
+    is one. ``text`` may be a function, for sets known only after a lazy import."""
+
+    def __init__(self, text: str | Callable[[], str], test: Callable[[Any], bool]):
+        self._text, self.test = text, test
+
+    @property
+    def text(self) -> str:
+        return self._text() if callable(self._text) else self._text
+
+    def __repr__(self) -> str:
+        return f"Allowed({self.text!r})"
+
+
+def at_least(n: int) -> Allowed:
+    return Allowed(f">= {n}", lambda v: v >= n)
+
+
+def positive() -> Allowed:
+    return Allowed("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def one_of(values: tuple | Callable[[], tuple]) -> Allowed:
+    get = values if callable(values) else (lambda: values)
+    return Allowed(lambda: "one of " + ", ".join(map(str, get())), lambda v: v in get())
+
+
+def _extractors() -> tuple:
+    from .attention import EXTRACTORS  # lazy: torch
+    return tuple(EXTRACTORS)
+
+
+def _upsamplings() -> tuple:
+    from .inpaint import UPSAMPLINGS  # lazy: torch
+    return tuple(UPSAMPLINGS)
+
+
+NON_EMPTY = Allowed("a non-empty string", lambda v: bool(v.strip()))
+DEVICE = Allowed("'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps'",
+                 lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None)
+SPLITS = Allowed(f"a non-empty list of {SPLIT_NAMES}, each at most once",
+                 lambda v: bool(v) and all(isinstance(s, str) and s in SPLIT_NAMES for s in v)
+                 and len(set(v)) == len(v))
+SEED = Allowed("an integer in 0 .. 2**32 - 1", lambda v: 0 <= v < 2 ** 32)  # numpy's seed range
+SEG_SIZE = Allowed("a positive multiple of 8 (the U-Net halves it 3 times)", lambda v: v >= 8 and v % 8 == 0)
+
+
+class Param(NamedTuple):
+    """One parameter: its types (None in them: may be null), default, help, and the values
+    it may take (checked for every value but null)."""
+    types: tuple
+    default: Any
+    help: str
+    allowed: Allowed | None = None
+
+
+_p = Param
+NULL = type(None)
+SCHEMA: dict[str, Param] = {
+    "model": _p((str,), "teaching", "'teaching' (built in), a local diffusers folder, or a hub id", NON_EMPTY),
+    "base_dir": _p((str,), "data/miniworld", "dataset folder (reference or CUB_200_2011 layout)", NON_EMPTY),
+    "make_mini_world": _p((bool,), True, "write the mini-world dataset to base_dir if it is missing "
+                         "(or older than miniworld.json)"),
+    "out_dir": _p((str,), "runs/demo", "where per-image outputs and metrics.json go", NON_EMPTY),
+    "overwrite": _p((bool,), False, "recompute every step's outputs instead of refusing outputs of other settings"),
+    "foreground_prompt": _p((str,), "a photo of a bird", "prompt of step 1 (and the object prompt of step 3)",
+                           NON_EMPTY),
+    "object_word": _p((str,), "bird", "the word of the prompt whose attention is the object", NON_EMPTY),
+    "background_prompt": _p((str,), "a photo of a background", "prompt of the background concept (steps 3-4)",
+                           NON_EMPTY),
+    "extractor": _p((str,), "relevant_token_step_mean", "how step 1 aggregates maps (see fgbg.attention)",
+                   one_of(_extractors)),
+    "steps": _p((int, NULL), None, "mean over the last `steps` noise levels only (None: all)", at_least(1)),
+    "rev_diff_steps": _p((int,), 40, "T0: how many of the lowest DDIM levels step 1 uses", at_least(1)),
+    "num_inference_steps": _p((int,), 50, "T: the DDIM grid the levels come from", at_least(1)),
+    "num_repeat_each_diffusion_step": _p((int,), 1, "N: noise draws per level", at_least(1)),
+    "splits": _p((list,), ["train", "test"], "which splits steps 1-2 run on (the method needs train and test)",
+                SPLITS),
+    "limit": _p((int, NULL), None, "at most this many images per split (None: all)", at_least(1)),
+    "resize_mode": _p((str,), "pad", "'pad' (reference: top-left on a -1 canvas) or 'resize'", one_of(RESIZE_MODES)),
+    "controls": _p((bool,), True, "also run the untrained-network control of step 1"),
+    "unet_batch": _p((int,), 40, "UNet samples per forward pass in step 1", at_least(1)),
+    # step 3: fine-tuning (concept distillation)
+    "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000; "
+                        "0: no fine-tuning)", at_least(0)),
+    "finetune_batch_size": _p((int,), 8, "fine-tuning batch size (reference 8)", at_least(1)),
+    "finetune_lr": _p((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)", positive()),
+    # step 4: inpainting and refined masks
+    "inpaint_batch_size": _p((int,), 16, "images per batch of the inpainting sampler", at_least(1)),
+    "m_pre_upsampling": _p((str,), "bilinear", "M_pre to pixels for M: 'bilinear' (reference, dilates by up to "
+                          "half a latent cell) or 'nearest' (exact blocks)", one_of(_upsamplings)),
+    "close_and_fill": _p((bool,), False, "optional clean-up of M: 3x3 closing, then hole filling"),
+    "fg_bg_guidance": _p((float, int), 3.0, "scale s of foreground-vs-background guidance for samples", positive()),
+    # step 5: segmentation network
+    "seg_size": _p((int,), 64, "U-Net input size (the paper: 128)", SEG_SIZE),
+    "seg_width": _p((int,), 8, "U-Net channels of the first level, doubled per level (4 levels)", at_least(1)),
+    "seg_iterations": _p((int,), 600, "U-Net training iterations (the paper: about 12k)", at_least(1)),
+    "seg_batch_size": _p((int,), 16, "U-Net batch size (the paper: 32)", at_least(1)),
+    "seg_lr": _p((float, int), 2e-3, "Adam learning rate of the U-Net (the paper: 2e-3)", positive()),
+    "seed": _p((int,), 0, "seed of every random draw", SEED),
+    "device": _p((str,), "auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'", DEVICE),
+    "dtype": _p((str,), "auto", "'auto' (bf16/fp16 on GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'", one_of(DTYPES)),
+}
+del _p
 
 
 class ParameterError(ValueError):
@@ -63,56 +137,51 @@ class ParameterError(ValueError):
 
 
 def defaults() -> dict:
-    return {k: v[1] for k, v in SCHEMA.items()}
+    return {k: v.default for k, v in SCHEMA.items()}
 
 
-def check(params: dict, source: str = "parameters", given_only: bool = False) -> dict:
-    """Validate names and types; returns the full parameter dict (defaults filled in).
+def check(params: dict, source: str = "parameters", given_only: bool = False,
+          origins: dict[str, str] | None = None) -> dict:
+    """Validate names, types and values (``SCHEMA``'s ``allowed``); returns the full
+    parameter dict (defaults filled in).
 
     ``given_only``: rules that relate two parameters apply only when both are in
     ``params`` (a notebook declares only the parameters of its own steps: notebook 04's
     ``num_inference_steps`` of the inpainting sampler is not checked against the default
     ``rev_diff_steps`` of step 1, which it does not use).
+
+    ``origins``: where each given parameter comes from, when not all from ``source``
+    (e.g. ``{"limit": "command line (-p limit)"}``); errors name that place.
     """
-    from .attention import EXTRACTORS
-    from .inpaint import UPSAMPLINGS
+    origins = origins or {}
+
+    def where(*names: str) -> str:
+        return " and ".join(dict.fromkeys(origins.get(n, source) for n in names))
+
     out = defaults()
     for name, value in params.items():
         if name not in SCHEMA:
             close = difflib.get_close_matches(name, SCHEMA, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ParameterError(f"{source}: unknown parameter {name!r}{hint}; known: {', '.join(SCHEMA)}")
-        types = SCHEMA[name][0]
+            raise ParameterError(f"{where(name)}: unknown parameter {name!r}{hint}; known: {', '.join(SCHEMA)}")
+        types, allowed = SCHEMA[name].types, SCHEMA[name].allowed
         if isinstance(value, bool) and bool not in types:  # True is an int in Python; not here
-            raise ParameterError(f"{source}: parameter {name!r} must be {_names(types)}, got {value!r}")
+            raise ParameterError(f"{where(name)}: parameter {name!r} must be {_names(types)}, got {value!r}")
         if not isinstance(value, types):
-            raise ParameterError(f"{source}: parameter {name!r} must be {_names(types)}, "
+            raise ParameterError(f"{where(name)}: parameter {name!r} must be {_names(types)}, "
                                  f"got {type(value).__name__} {value!r}")
+        if value is not None and allowed is not None and not allowed.test(value):
+            raise ParameterError(f"{where(name)}: parameter {name!r} must be {allowed.text}, got {value!r}")
         out[name] = value
-    for name in ("rev_diff_steps", "num_inference_steps", "num_repeat_each_diffusion_step", "unet_batch",
-                 "finetune_batch_size", "inpaint_batch_size", "seg_size", "seg_batch_size", "seg_width"):
-        if out[name] < 1:
-            raise ParameterError(f"{source}: parameter {name!r} must be >= 1, got {out[name]}")
     both = not given_only or {"rev_diff_steps", "num_inference_steps"} <= set(params)
     if both and out["rev_diff_steps"] > out["num_inference_steps"]:
-        raise ParameterError(f"{source}: rev_diff_steps ({out['rev_diff_steps']}) must not exceed "
-                             f"num_inference_steps ({out['num_inference_steps']})")
-    if out["extractor"] not in EXTRACTORS:
-        raise ParameterError(f"{source}: parameter 'extractor' must be one of {', '.join(EXTRACTORS)}, "
-                             f"got {out['extractor']!r}")
-    if out["resize_mode"] not in RESIZE_MODES:
-        raise ParameterError(f"{source}: parameter 'resize_mode' must be one of {RESIZE_MODES}")
-    if out["m_pre_upsampling"] not in UPSAMPLINGS:
-        raise ParameterError(f"{source}: parameter 'm_pre_upsampling' must be one of {UPSAMPLINGS}, "
-                             f"got {out['m_pre_upsampling']!r}")
-    bad = [s for s in out["splits"] if s not in SPLIT_NAMES]
-    if bad or not out["splits"]:
-        raise ParameterError(f"{source}: parameter 'splits' must be a non-empty list of {SPLIT_NAMES}, "
-                             f"got {out['splits']!r}")
+        raise ParameterError(f"{where('rev_diff_steps', 'num_inference_steps')}: rev_diff_steps "
+                             f"({out['rev_diff_steps']}) must not exceed num_inference_steps "
+                             f"({out['num_inference_steps']})")
     both = not given_only or {"object_word", "foreground_prompt"} <= set(params)
     if both and out["object_word"] not in out["foreground_prompt"]:
-        raise ParameterError(f"{source}: object_word {out['object_word']!r} is not in foreground_prompt "
-                             f"{out['foreground_prompt']!r}")
+        raise ParameterError(f"{where('object_word', 'foreground_prompt')}: object_word {out['object_word']!r} "
+                             f"is not in foreground_prompt {out['foreground_prompt']!r}")
     return out
 
 
@@ -120,8 +189,9 @@ def _names(types) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read and check a params file; errors name the file (and line, for YAML syntax)."""
+def load_yaml(path: str | Path, check_values: bool = True) -> dict:
+    """Read (and, with ``check_values``, check) a params file; errors name the file (and
+    line, for YAML syntax). Returns the parameters the file gives."""
     import yaml
     path = Path(path)
     try:
@@ -129,11 +199,30 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ParameterError(f"params file {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ParameterError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ParameterError(f"{path}: not valid YAML{at}: {what}") from None
     if not isinstance(data, dict):
         raise ParameterError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
-    check(data, source=str(path))
+    if check_values:
+        check(data, source=str(path))
     return data
+
+
+def gather(params_file: str | Path | None, overrides: dict) -> tuple[dict, dict, dict[str, str]]:
+    """The parameters of a batch run: a params file, then ``-p NAME VALUE`` overrides.
+
+    Returns ``(given, checked, origins)``: the parameters given (file and overrides), the
+    full checked dict (defaults filled in), and where each given one came from, so that a
+    bad value names its place: ``"command line (-p seg_iterations): parameter
+    'seg_iterations' must be >= 1, got -1"``, not the params file."""
+    given = load_yaml(params_file, check_values=False) if params_file else {}
+    origins = {k: str(params_file) for k in given}
+    for k, v in overrides.items():
+        given[k] = v
+        origins[k] = f"command line (-p {k})"
+    return given, check(given, source=str(params_file or "command line"), origins=origins), origins
 
 
 def from_namespace(ns: dict) -> dict:

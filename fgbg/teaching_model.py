@@ -243,7 +243,7 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, ck = 0, out / "vae_ckpt.pt"
     if ck.exists():
-        st = torch.load(ck, map_location=dev)
+        st = torch.load(ck, map_location=dev, weights_only=True)
         vae.load_state_dict(st["model"]); step = st["step"]
         if st.get("opt") is not None:  # None: a VAE taken from a pipeline (--init-from)
             opt.load_state_dict(st["opt"])
@@ -331,7 +331,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     dev, amp = _device_and_dtype(device)
     torch.manual_seed(cfg.seed)
     _, scenes = load_corpus(corpus)
-    lat = torch.load(out / "latents.pt")
+    lat = torch.load(out / "latents.pt", weights_only=True)
     mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
     tok = CaptionTokenizer(load_tokenizer(tokenizer_dir or out / "tokenizer"))
     unet, te = build_unet(cfg).to(dev), build_text_encoder(cfg).to(dev)
@@ -342,7 +342,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     abar = sched.alphas_cumprod.to(dev)
     step, ck = 0, out / "unet_ckpt.pt"
     if ck.exists():
-        st = torch.load(ck, map_location=dev)
+        st = torch.load(ck, map_location=dev, weights_only=True)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
         ema = [e.to(dev) for e in st["ema"]]; step = st["step"]
     elif init_from is not None:
@@ -404,10 +404,10 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
     cfg = cfg or TeachingConfig()
     out = Path(out)
     vae = build_vae(cfg)
-    vae.load_state_dict(torch.load(out / "vae_ckpt.pt", map_location="cpu")["model"])
-    vae.register_to_config(scaling_factor=torch.load(out / "latents.pt")["scaling_factor"])
+    vae.load_state_dict(torch.load(out / "vae_ckpt.pt", map_location="cpu", weights_only=True)["model"])
+    vae.register_to_config(scaling_factor=torch.load(out / "latents.pt", weights_only=True)["scaling_factor"])
     unet, te = build_unet(cfg), build_text_encoder(cfg)
-    st = torch.load(out / "unet_ckpt.pt", map_location="cpu")
+    st = torch.load(out / "unet_ckpt.pt", map_location="cpu", weights_only=True)
     unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
     params = list(unet.parameters()) + list(te.parameters())
     with torch.no_grad():
@@ -502,9 +502,9 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
     if not (work / "latents.pt").exists():
         vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
         print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device))
-        fixed = torch.load(work / "vae_ckpt.pt").get("scaling_factor")
+        fixed = torch.load(work / "vae_ckpt.pt", weights_only=True).get("scaling_factor")
         if fixed is not None:  # a pipeline's VAE: keep the factor its UNet was trained with
-            lat = torch.load(work / "latents.pt")
+            lat = torch.load(work / "latents.pt", weights_only=True)
             lat["scaling_factor"] = fixed
             _save_ckpt(work / "latents.pt", lat)
             print("kept the pipeline's scaling factor", fixed)

@@ -92,8 +92,27 @@ def plot_gmm_threshold(values, threshold: float, bins: int = 40):
     return fig
 
 
-def browse(items, panels_for, titles: list[str] | None = None):
-    """An ipywidgets slider over images; ``panels_for(item)`` returns [(title, array)]."""
+def headless() -> bool:
+    """Whether this is a batch run (papermill through ``python -m fgbg.course run``, nbval
+    through ``make test``, ``make notebooks``): no one to move a slider, so no widgets.
+
+    One environment variable says so, ``fgbg.runs.PROGRESS_ENV`` (``FGBG_PROGRESS=0``),
+    which those runs set for their kernels; it also turns the progress bars off."""
+    import os
+
+    from .runs import PROGRESS_ENV
+    return os.environ.get(PROGRESS_ENV) == "0"
+
+
+def browse(items, panels_for, titles: list[str] | None = None, static_cases: int = 4):
+    """An ipywidgets slider over images; ``panels_for(item)`` returns [(title, array)].
+
+    In a batch run (:func:`headless`) a widget would only wait for a browser that never
+    comes (a papermill kernel was seen hanging in this cell), so it returns instead a
+    static matplotlib Figure: the same panels for the first ``static_cases`` items, one
+    row each."""
+    if headless():
+        return static_grid(items[:static_cases], panels_for)
     import ipywidgets as w
     import matplotlib.pyplot as plt
     from IPython.display import display
@@ -111,3 +130,36 @@ def browse(items, panels_for, titles: list[str] | None = None):
     slider.observe(lambda ch: show(ch["new"]), names="value")
     show(0)
     return w.VBox([slider, out])
+
+
+def static_grid(items, panels_for, size: float = 2.0, cmap: str = "magma"):
+    """``panels_for(item)`` of each item, one row per item (its name in the first panel's
+    title): the static stand-in for :func:`browse`.
+
+    The figure is closed in pyplot, so a notebook shows it once, as the cell's value,
+    not a second time when the inline backend flushes the open figures."""
+    import matplotlib.pyplot as plt
+    items = list(items)
+    rows = [panels_for(it) for it in items]
+    cols = max((len(r) for r in rows), default=1)
+    fig, axes = _fig(max(1, len(rows)) * cols, size, rows=max(1, len(rows)))
+    if not rows:
+        axes[0].text(0.5, 0.5, "no images", ha="center", va="center")
+    for r, (item, panels) in enumerate(zip(items, rows)):
+        for c, (title, a) in enumerate(panels):
+            a = np.asarray(a)
+            ax = axes[r * cols + c]
+            ax.imshow(a, cmap=None if a.ndim == 3 else cmap, interpolation="nearest")
+            ax.set_title(f"{getattr(item, 'rel', item)}\n{title}" if c == 0 else title, fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def truth_panel(item, shape) -> tuple[str, np.ndarray]:
+    """The ground-truth panel of an item: its mask, or, for a dataset without ground truth,
+    an empty grey panel titled so (never the image or another mask in its place)."""
+    from .data import read_mask
+    if item.gt_path is None:
+        return "no ground truth", np.full(tuple(shape[:2]), 0.5)
+    return "ground truth", read_mask(item.gt_path, tuple(shape[:2]))

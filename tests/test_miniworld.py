@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fgbg import miniworld as mw
 from fgbg.data import load_dataset, read_image, read_mask
@@ -83,9 +84,12 @@ def test_setup_rewrites_an_older_mini_world_but_never_other_data(tmp_path, monke
     for f in ("images.txt", "README.txt"):
         (custom / f).write_text((old / f).read_text())
     (custom / "miniworld.json").write_text('{"kind": "course", "n_train": 16}')
-    for base in (old, mine, custom, tmp_path / "missing"):
+    for base in (old, mine, custom):
         course.setup({"base_dir": str(base), "out_dir": str(tmp_path / "out"), "make_mini_world": True})
-    assert written == [(str(old), 0), (str(tmp_path / "missing"), 0)]
+    with pytest.raises(course.ParameterError, match="does not exist"):  # a typo: no synthetic data there
+        course.setup({"base_dir": str(tmp_path / "missing"), "out_dir": str(tmp_path / "out"),
+                      "make_mini_world": True})
+    assert written == [(str(old), 0)]
 
 
 def test_corpus_is_sliceable_and_disjoint_from_course():

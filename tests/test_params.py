@@ -48,11 +48,64 @@ def test_yaml_errors_name_the_file(tmp_path):
         params.load_yaml(tmp_path / "nope.yaml")
 
 
-def test_shipped_params_files_are_valid(capsys):
-    for f in ("params/demo.yaml", "params/cub_sd14.yaml"):
+def test_shipped_params_files_are_valid(capsys, monkeypatch, mini_dataset):
+    for f in ("params/demo.yaml", "params/quick.yaml"):
         assert course_main(["check", f]) == 0
+    # CUB's base_dir is where the user unpacks it; the hub id cannot be checked offline
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert course_main(["check", "params/cub_sd14.yaml", "-p", "base_dir", str(mini_dataset)]) == 0
     assert course_main(["check", "params/none.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, bad", [  # the values, and a few more
+    ("seg_iterations", -1), ("seg_iterations", 0), ("steps", -3), ("finetune_steps", -5), ("finetune_lr", -1),
+    ("finetune_lr", float("nan")), ("dtype", "fp8"), ("device", "gpu"), ("device", "cuda:x"), ("limit", 0),
+    ("seed", -1), ("fg_bg_guidance", 0), ("seg_lr", 0.0), ("seg_size", 60), ("resize_mode", "crop"),
+    ("splits", ["train", "train"]), ("out_dir", " "), ("foreground_prompt", ""),
+])
+def test_values_outside_the_allowed_ones_are_refused(name, bad):
+    with pytest.raises(params.ParameterError, match=rf"x.yaml: parameter '{name}' must be .*, got "):
+        params.check({name: bad}, source="x.yaml")
+
+
+def test_every_parameter_declares_its_allowed_values_in_the_schema():
+    for name, p in params.SCHEMA.items():
+        if p.types != (bool,):
+            assert p.allowed is not None, f"{name}: no allowed range or set in SCHEMA"
+        assert params.check({name: p.default})[name] == p.default  # the defaults are allowed
+    assert params.SCHEMA["overwrite"].types == (bool,) and params.SCHEMA["overwrite"].default is False
+    for name, good in [("device", "cuda:1"), ("device", "cuda"), ("device", "mps"), ("dtype", "bf16"),
+                       ("finetune_steps", 0), ("steps", None), ("limit", None), ("limit", 1), ("seed", 2 ** 32 - 1),
+                       ("finetune_lr", 1), ("splits", ["test"])]:
+        assert params.check({name: good})[name] == good  # the edges of the ranges pass
+
+
+def test_a_bad_value_from_the_command_line_is_reported_as_such(capsys):
+    for cmd in (["check", "params/demo.yaml"], ["run", "-f", "params/demo.yaml", "--notebooks", "01_attention"]):
+        assert course_main([*cmd, "-p", "rev_diff_steps", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: command line (-p rev_diff_steps): parameter 'rev_diff_steps' must be >= 1")
+        assert "demo.yaml" not in err
+
+
+def test_check_refuses_a_base_dir_that_does_not_exist(capsys, tmp_path, monkeypatch, mini_dataset):
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the CLI's folder
+    (tmp_path / "p.yaml").write_text("base_dir: nope\nmake_mini_world: false\n")
+    assert course_main(["check", "p.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: p.yaml: base_dir 'nope' does not exist") and err.count("\n") == 1
+    assert str(tmp_path / "nope") in err
+    # make_mini_world writes only the course's own folder: another missing folder is refused
+    assert course_main(["check", "p.yaml", "-p", "make_mini_world", "true"]) == 2
+    assert "command line" not in capsys.readouterr().err  # base_dir came from the file
+    assert course_main(["check", "-p", "base_dir", str(tmp_path / "gone"), "-p", "make_mini_world", "false"]) == 2
+    assert capsys.readouterr().err.startswith("error: command line (-p base_dir): base_dir")
+    # ... the course's own folder may be missing (it is written on the first run), an existing one is fine
+    assert course_main(["check", "-p", "base_dir", "data/miniworld", "-p", "make_mini_world", "true"]) == 0
+    assert mini_dataset == tmp_path / "mini"
+    assert course_main(["check", "p.yaml", "-p", "base_dir", "mini"]) == 0
+    assert params.check({"base_dir": str(tmp_path / "nope")})  # the schema alone never looks at the disk
 
 
 def test_demo_yaml_equals_the_notebook_defaults():
@@ -68,3 +121,16 @@ def test_demo_yaml_equals_the_notebook_defaults():
             assert name in params.SCHEMA, f"{nb}: parameter {name} not in fgbg.params.SCHEMA"
             assert yaml.safe_load(p["default"].replace("None", "null").replace("True", "true")
                                   .replace("False", "false")) == demo[name], (nb, name)
+
+
+def test_quick_params_cut_the_run_and_say_what_they_cut():
+    import yaml
+    text = open("params/quick.yaml").read()
+    quick, demo = yaml.safe_load(text), yaml.safe_load(open("params/demo.yaml"))
+    assert quick["out_dir"] != demo["out_dir"]  # never mixes with a full run's outputs
+    assert quick["make_mini_world"] and quick["limit"] <= 4
+    for name in ("rev_diff_steps", "num_inference_steps", "finetune_steps", "seg_iterations"):
+        assert quick[name] < demo[name], name
+    for name, value in quick.items():
+        if name not in ("out_dir",) and value != demo[name]:
+            assert f"#   {name} " in text, f"params/quick.yaml: the comments do not say what {name} cuts"

@@ -234,3 +234,61 @@ def test_bad_lines_of_the_image_list_are_named_and_skipped(tmp_path):
     assert "UTF-8" in dict(ds.skipped)["images.txt line 3"]
     summary = ds.summary()
     assert "images.txt line 3" in summary and "UTF-8" in summary and "1 images" in summary
+
+
+# --------------------------------------------------------------------------- out_dir and base_dir
+def _fake_repo(tmp_path):
+    root = tmp_path / "course"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "fgbg").mkdir()
+    (root / "pyproject.toml").write_text('[project]\nname = "fgbg"\n')
+    return root
+
+
+@pytest.mark.parametrize("where", ["", "root", "parent", "copy"])
+def test_an_out_dir_that_would_overwrite_the_course_is_refused(tmp_path, where):
+    from fgbg.course import check_out_dir
+    from fgbg.params import ParameterError
+    root = _fake_repo(tmp_path)
+    out = {"": "", "root": root, "parent": tmp_path, "copy": tmp_path / "elsewhere"}[where]
+    if where == "copy":
+        (out / "fgbg").mkdir(parents=True)
+    with pytest.raises(ParameterError, match="out_dir"):
+        check_out_dir(out, root)
+    mine = root / "runs" / "mine"
+    (mine / "notebooks").mkdir(parents=True)  # the executed notebooks of an earlier run
+    assert check_out_dir(mine, root) == mine
+
+
+def test_setup_resolves_the_default_paths_against_the_repository(tmp_path, monkeypatch):
+    from fgbg import course
+    from fgbg.params import ParameterError
+    root = _fake_repo(tmp_path)
+    monkeypatch.chdir(root / "notebooks")  # where JupyterLab starts a notebook's kernel
+    monkeypatch.delenv(course.OUT_DIR_ENV, raising=False)
+    (root / "data" / "ds").mkdir(parents=True)
+    P = course.setup({"base_dir": "data/ds", "out_dir": "runs/x", "make_mini_world": False})
+    assert P["out_dir"] == str(root / "runs" / "x") and P["base_dir"] == str(root / "data" / "ds")
+    with pytest.raises(ParameterError, match="out_dir"):
+        course.setup({"base_dir": "data/ds", "out_dir": ".", "make_mini_world": False})
+
+
+def test_the_mini_world_is_written_only_where_that_is_safe(tmp_path):
+    from fgbg.course import COURSE_DATA, prepare_mini_world
+    from fgbg.params import ParameterError
+    root = _fake_repo(tmp_path)
+    users = tmp_path / "my_photos"
+    users.mkdir()
+    (users / "README.txt").write_text("my notes")
+    with pytest.raises(ParameterError, match="no images.txt"):
+        prepare_mini_world(users, root, seed=0)
+    assert (users / "README.txt").read_text() == "my notes" and len(list(users.iterdir())) == 1
+    with pytest.raises(ParameterError, match="does not exist"):  # a typo is not a place for synthetic data
+        prepare_mini_world(tmp_path / "my_photoz", root, seed=0)
+    assert not (tmp_path / "my_photoz").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "wrote" in prepare_mini_world(empty, root, seed=0) and (empty / "images.txt").exists()
+    assert prepare_mini_world(empty, root, seed=0) is None  # already a mini world: left as it is
+    own = (root / COURSE_DATA).resolve()
+    assert "wrote" in prepare_mini_world(own, root, seed=0) and (own / "miniworld.json").exists()
