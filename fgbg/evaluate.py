@@ -25,7 +25,7 @@ from .attention import attention_path, load_attention
 from .baselines import border_colour_saliency, centre_prior
 from .data import DatasetError, map_back, read_image, read_mask
 from .io import atomic_write_text
-from .masks import prelim_mask_path, preliminary_mask
+from .masks import prelim_dir, prelim_mask_path, preliminary_mask
 from .metrics import Confusion, auc_roc, separation_auc
 
 
@@ -96,6 +96,46 @@ def split_subsets(items) -> dict[str, list]:
     test = [it for it in items if it.split == 0]
     return {"test": [it for it in test if it.distractor_path is None],
             "distractor": [it for it in test if it.distractor_path is not None]}
+
+
+def evaluate_and_record_steps12(items, out_dir, untrained_subdir: str = "attention_untrained",
+                                seed: int = 0) -> tuple[dict, list[tuple[str, str]]]:
+    """Notebook 02's scoring: :func:`evaluate_steps12` on the test subset and on the
+    distractor subset, recorded in metrics.json (:func:`update_metrics`) with the step
+    outputs they come from. Returns (this run's metrics, skipped images); ({}, []) when no
+    test image has ground truth (a user's own dataset): nothing is scored or written."""
+    out_dir = Path(out_dir)
+    items = list(items)
+    subsets = split_subsets(items)
+    results, skipped = {}, []
+    for name, sub in subsets.items():
+        if any(it.gt_path is not None for it in sub):
+            results[name], s = evaluate_steps12(sub, out_dir, untrained_subdir, seed=seed)
+            skipped += s
+    if not results:
+        return {}, []
+    updates = dict(results.get("test", {}))
+    if "distractor" in results:
+        updates["distractor"] = results["distractor"]
+    sources = [out_dir / "attention", prelim_dir(out_dir)]
+    if untrained_subdir and (out_dir / untrained_subdir).is_dir():
+        sources.append(out_dir / untrained_subdir)
+    return update_metrics(out_dir, updates, items=items, sources=sources), skipped
+
+
+def record_table2_rows(out_dir, rows: dict[str, dict], *, items, sources) -> dict:
+    """Table 2 rows scored by :func:`fgbg.segmenter.evaluate_masks` into metrics.json:
+    pooled acc / IoU / mIoU / Dice as the row, the per-image IoU summary as
+    ``<row>_per_image_iou``. A row scored on no image (no ground truth) is left out.
+    ``items`` and ``sources`` as in :func:`update_metrics`; returns this run's metrics."""
+    updates = {}
+    for k, v in rows.items():
+        if v.get("n_images", 0) > 0:
+            updates[k] = {m: v[m] for m in ("acc", "iou", "miou", "dice")}
+            updates[f"{k}_per_image_iou"] = v["per_image_iou"]
+    if not updates:
+        return current_metrics(out_dir)[0]
+    return update_metrics(out_dir, updates, items=items, sources=sources)
 
 
 METRICS = "metrics.json"

@@ -254,6 +254,11 @@ INPAINT_OUTPUT_DIRS = ("inpaint", "diff", "masks/refined", "masks/crop")
 """The folders step 4 writes below out_dir; the first holds its run_config.json."""
 
 
+def inpaint_dir(out_dir: str | Path) -> Path:
+    """The folder of step 4's run (its run_config.json and the inpainted images)."""
+    return Path(out_dir) / INPAINT_OUTPUT_DIRS[0]
+
+
 def _path(out_dir: str | Path, sub: str, item: Item, suffix: str = ".png") -> Path:
     return Path(out_dir) / sub / f"{item.key}{suffix}"
 
@@ -400,7 +405,7 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
         return note
 
     also = tuple(out_dir / sub for sub in INPAINT_OUTPUT_DIRS[1:])
-    with step_outputs(out_dir / INPAINT_OUTPUT_DIRS[0], config, overwrite=overwrite, also=also, out_dir=out_dir):
+    with step_outputs(inpaint_dir(out_dir), config, overwrite=overwrite, also=also, out_dir=out_dir):
         return for_each_batch("step 4 (inpainting)", items, outputs, load, work, finish, batch_size=batch_size,
                               out_dir=out_dir, progress=progress)
 

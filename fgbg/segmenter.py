@@ -293,6 +293,45 @@ def predict_items(model: UNet, items, size: int = 64, threshold: float = 0.5,
     return out
 
 
+def predicted_mask_path(out_dir, name: str, item) -> Path:
+    """``out_dir/masks/<name>/<key>.png``: the mask segmenter ``name`` predicts for an item."""
+    return Path(out_dir) / "masks" / name / f"{item.key}.png"
+
+
+def weights_id(model: UNet) -> str:
+    """A short hash of a segmenter's weights (what its predicted masks are made from)."""
+    import hashlib
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_predicted_masks(model: UNet, items, out_dir, name: str, size: int = 64, threshold: float = 0.5,
+                         batch_size: int = 64, progress: bool = True):
+    """Step 5's product for a whole dataset: the mask the U-Net predicts for every item, as
+    an 8-bit PNG (0/255) in the image's own pixels, ``out_dir/masks/<name>/<key>.png``
+    (:func:`predicted_mask_path`). Works without ground truth. The folder records the
+    weights it was made from; masks of an earlier, retrained segmenter are replaced, never
+    kept beside the new ones. Returns a :class:`fgbg.runs.StepReport`."""
+    from .io import save_png
+    from .runs import for_each_batch, read_run_config, step_outputs
+
+    _check_size(model, size)
+    model.eval()
+    folder = Path(out_dir) / "masks" / name
+    config = {"segmenter": weights_id(model), "config": model.config(), "size": size, "threshold": threshold}
+    # step 5 retrains every time: outputs of other weights are out of date, so replace them
+    stale = read_run_config(folder) not in (None, json.loads(json.dumps(config)))
+    with step_outputs(folder, config, overwrite=stale, out_dir=out_dir):
+        return for_each_batch(
+            f"step 5 ({name} masks)", items, lambda it: [predicted_mask_path(out_dir, name, it)],
+            lambda it: read_image(it.image_path), lambda imgs: _predict_batch(model, imgs, size),
+            lambda it, img, prob: save_png(predicted_mask_path(out_dir, name, it),
+                                           (prob > threshold).astype(np.uint8) * 255) and None,
+            batch_size=batch_size, out_dir=out_dir, progress=progress)
+
+
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_masks(pred_fn, items) -> dict:
     """Score masks ``pred_fn(item) -> bool (H, W)`` against ground truth, pooled over pixels.

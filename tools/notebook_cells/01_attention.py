@@ -52,6 +52,7 @@ unet_batch = 40
 seed = 0
 device = "auto"
 dtype = "auto"
+overwrite = False
 
 # %%
 import matplotlib.pyplot as plt
@@ -169,8 +170,7 @@ untrained = course.untrained_copy(pipe, seed=P["seed"])
 maps_u = attention.compute_attention_maps(
     untrained, x[None].to(pipe.unet.dtype), P["foreground_prompt"], rev_diff_steps=P["rev_diff_steps"],
     num_inference_steps=P["num_inference_steps"], generator=torch.Generator().manual_seed(P["seed"]))
-gt = data.read_mask(item.gt_path) if item.gt_path else None
-panels = [("image", img), ("ground truth", gt if gt is not None else img),
+panels = [("image", img), viz.truth_panel(item, img.shape),
           (f"{P['object_word']!r}", data.map_back(maps.mean()[0, tok].sum(0), placement, "bilinear")),
           ("'photo'", data.map_back(maps.mean()[0, 2], placement, "bilinear")),
           ("untrained network", data.map_back(maps_u.mean()[0, tok].sum(0), placement, "bilinear")),
@@ -188,12 +188,13 @@ viz.show_row(panels);
 
 # %%
 full = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
+print(full.summary())
 report = attention.save_attention_maps(
     pipe, full, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
     extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
     num_inference_steps=P["num_inference_steps"],
     num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
-    resize_mode=P["resize_mode"], unet_batch=P["unet_batch"])
+    resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], overwrite=P["overwrite"])
 print(report)
 if P["controls"]:  # the untrained-network control, on the test split only
     test = [it for it in full if it.split == 0]
@@ -201,7 +202,7 @@ if P["controls"]:  # the untrained-network control, on the test split only
         untrained, test, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
         extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
         num_inference_steps=P["num_inference_steps"], seed=P["seed"], resize_mode=P["resize_mode"],
-        unet_batch=P["unet_batch"], subdir="attention_untrained"))
+        unet_batch=P["unet_batch"], subdir="attention_untrained", overwrite=P["overwrite"]))
 del untrained
 
 # %% check
@@ -217,13 +218,19 @@ print(f"map on the latent grid: {amap.shape}, image {pl.height}x{pl.width}, sum 
 def panels_for(it):
     m, p = attention.load_attention(P["out_dir"], it)
     im = data.read_image(it.image_path)
-    return [("image", im), ("ground truth", data.read_mask(it.gt_path) if it.gt_path else im),
-            ("attention", data.map_back(m, p, "bilinear"))]
+    return [("image", im), viz.truth_panel(it, im.shape), ("attention", data.map_back(m, p, "bilinear"))]
 
 viz.browse(full.items[:40], panels_for)
 
 # %% [markdown]
 # ## Exercises
+#
+# Exercises 1-3 change a parameter and rerun the notebook. Step 1 records its settings in
+# `out_dir` and will not mix outputs of two settings: a rerun into the same folder stops
+# with a `RunConfigError` naming the difference. So, in the parameters cell, either set
+# `out_dir` to a new folder (e.g. `out_dir = "runs/steps10"`; notebooks 02-05 then need
+# the same `out_dir`), or set `overwrite = True` to recompute step 1 into the same folder
+# (its old outputs are replaced).
 #
 # 1. Set `steps = 10` (the 10 least noisy levels only) and compare the maps. Which levels
 #    localize best? (The paper found quality rises with T0 up to about 40.)

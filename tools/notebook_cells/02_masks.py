@@ -28,6 +28,7 @@ splits = ["train", "test"]
 limit = None
 controls = True
 seed = 0
+overwrite = False
 
 # %%
 import numpy as np
@@ -36,7 +37,7 @@ from fgbg import attention, course, data, evaluate, masks, viz
 
 P = course.setup(globals())
 ds = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
-print(f"{len(ds)} images ({ds.layout} layout), ground truth: {ds.has_ground_truth}")
+print(ds.summary())
 
 # %% [markdown]
 # ## One map, by hand
@@ -51,8 +52,9 @@ t = masks.gmm_midpoint_threshold(amap[:vr, :vc], seed=P["seed"])
 viz.plot_gmm_threshold(amap[:vr, :vc], t);
 raw = amap > t
 m_pre = masks.majority3x3(raw)
-viz.show_row([("image", data.read_image(item.image_path)), ("attention", amap), ("map > threshold", raw),
-              ("after 3x3 majority", m_pre), ("ground truth", data.read_mask(item.gt_path))]);
+img = data.read_image(item.image_path)
+viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("after 3x3 majority", m_pre),
+              viz.truth_panel(item, img.shape)]);
 
 # %% [markdown]
 # ## M_pre for every image
@@ -61,7 +63,7 @@ viz.show_row([("image", data.read_image(item.image_path)), ("attention", amap), 
 # original image's pixel grid, under `out_dir/masks/prelim/`.
 
 # %%
-report = masks.preliminary_masks(ds, P["out_dir"], seed=P["seed"])
+report = masks.preliminary_masks(ds, P["out_dir"], seed=P["seed"], overwrite=P["overwrite"])
 print(report)
 
 # %% [markdown]
@@ -80,18 +82,12 @@ print(report)
 
 # %%
 subsets = evaluate.split_subsets(ds)
-results, skipped = {}, []
-for name, items in subsets.items():
-    if items:
-        results[name], s = evaluate.evaluate_steps12(items, P["out_dir"], seed=P["seed"])
-        skipped += s
-metrics = evaluate.update_metrics(P["out_dir"], {**results.get("test", {}), **(
-    {"distractor": results["distractor"]} if "distractor" in results else {})})
+metrics, skipped = evaluate.evaluate_and_record_steps12(ds, P["out_dir"], seed=P["seed"])
 for s in skipped:
     print("skipped", *s)
 
 # %% check
-print(course.results_table(metrics))
+print(course.results_table(metrics) or "no ground truth in base_dir: steps 1-2 are not scored")
 
 # %% [markdown]
 # ## Look at the masks
@@ -110,9 +106,10 @@ def panels_for(it):
     m, p = attention.load_attention(P["out_dir"], it)
     im = data.read_image(it.image_path)
     pre = data.read_mask(masks.prelim_mask_path(P["out_dir"], it))
-    gt = data.read_mask(it.gt_path) if it.gt_path else np.zeros_like(pre)
-    return [("image", im), ("attention", data.map_back(m, p, "bilinear")), ("M_pre", pre),
-            ("M_pre vs truth", overlay(pre, gt))]
+    panels = [("image", im), ("attention", data.map_back(m, p, "bilinear")), ("M_pre", pre)]
+    if it.gt_path is None:
+        return panels + [viz.truth_panel(it, im.shape)]
+    return panels + [("M_pre vs truth", overlay(pre, data.read_mask(it.gt_path)))]
 
 
 test_items = subsets["test"] + subsets["distractor"]

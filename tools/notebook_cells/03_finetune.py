@@ -42,6 +42,7 @@ resize_mode = "pad"
 seed = 0
 device = "auto"
 dtype = "auto"
+overwrite = False
 
 # %%
 import matplotlib.pyplot as plt
@@ -52,7 +53,7 @@ from fgbg import course, data, finetune, masks, models, viz
 P = course.setup(globals())
 pipe = models.load_pipeline(P["model"], P["device"], P["dtype"])
 train = data.load_dataset(P["base_dir"], splits=["train"], limit=P["limit"])
-print(f"{len(train)} training images")
+print(train.summary())
 
 # %% [markdown]
 # ## The rectangle sampler
@@ -89,7 +90,7 @@ cfg = finetune.FinetuneConfig(steps=P["finetune_steps"], batch_size=P["finetune_
                               lr=P["finetune_lr"], object_prompt=P["foreground_prompt"],
                               background_prompt=P["background_prompt"], seed=P["seed"],
                               resize_mode=P["resize_mode"])
-result = finetune.finetune(pipe, train, P["out_dir"], cfg)
+result = finetune.finetune(pipe, train, P["out_dir"], cfg, overwrite=P["overwrite"])
 for rel, why in result["skipped"]:
     print("skipped", rel, why)
 
@@ -119,6 +120,13 @@ viz.show_row([(p[:24], im) for p, ims in after.items() for im in ims], rows=2);
 
 # %% [markdown]
 # ## Exercises
+#
+# Exercise 1 changes a parameter. Step 3 (and step 4 after it) records its settings in
+# `out_dir` and will not reuse outputs of other settings: a rerun into the same folder stops
+# with a `RunConfigError` naming the difference. So, in the parameters cells of 03 and 04,
+# either set `out_dir` to a new folder (run 01 and 02 there first, or copy their outputs
+# over), or set `overwrite = True` to recompute into the same folder (the old outputs are
+# replaced).
 #
 # 1. Set `finetune_steps = 0`: what does step 4 (notebook 04) make of the untuned model?
 # 2. In `fgbg/finetune.py`, change `p_background` to 1.0 (only background samples). What

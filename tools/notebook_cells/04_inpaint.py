@@ -42,6 +42,7 @@ resize_mode = "pad"
 seed = 0
 device = "auto"
 dtype = "auto"
+overwrite = False
 
 # %%
 import numpy as np
@@ -51,7 +52,7 @@ from fgbg import course, data, evaluate, finetune, inpaint, masks, segmenter, vi
 P = course.setup(globals())
 tuned = finetune.load_finetuned(P["out_dir"], P["device"], P["dtype"])
 ds = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
-print(f"{len(ds)} images")
+print(ds.summary())
 
 # %% [markdown]
 # ## Inpaint, difference, refine: the whole dataset
@@ -63,7 +64,7 @@ print(f"{len(ds)} images")
 report = inpaint.inpaint_and_refine(
     tuned, ds, P["out_dir"], prompt=P["background_prompt"], num_inference_steps=P["num_inference_steps"],
     batch_size=P["inpaint_batch_size"], seed=P["seed"], resize_mode=P["resize_mode"],
-    m_pre_upsampling=P["m_pre_upsampling"], close_and_fill=P["close_and_fill"])
+    m_pre_upsampling=P["m_pre_upsampling"], close_and_fill=P["close_and_fill"], overwrite=P["overwrite"])
 print(report)
 
 # %% [markdown]
@@ -77,7 +78,7 @@ def panels_for(it):
             ("inpainted", data.read_image(inpaint.inpainted_path(P["out_dir"], it))),
             ("D", np.load(inpaint.diff_path(P["out_dir"], it)).astype(np.float32)),
             ("refined M", data.read_mask(inpaint.refined_mask_path(P["out_dir"], it))),
-            ("truth", data.read_mask(it.gt_path) if it.gt_path else im)]
+            viz.truth_panel(it, im.shape)]
 
 test = evaluate.split_subsets(ds)["test"]
 viz.show_row(panels_for(test[0]));
@@ -96,11 +97,12 @@ def read(path_fn):
 rows = {"prelim": segmenter.evaluate_masks(read(masks.prelim_mask_path), test),
         "crop": segmenter.evaluate_masks(read(inpaint.crop_mask_path), test),
         "refined": segmenter.evaluate_masks(read(inpaint.refined_mask_path), test)}
-metrics = evaluate.update_metrics(P["out_dir"], {k: {m: v[m] for m in ("acc", "iou", "miou", "dice")}
-                                                 for k, v in rows.items()})
+metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
+                                     sources=[masks.prelim_dir(P["out_dir"]), inpaint.inpaint_dir(P["out_dir"])])
 
 # %% check
-print(evaluate.table2({k: metrics[k] for k in rows}))  # this notebook's rows only
+print(evaluate.table2({k: metrics[k] for k in rows if k in metrics})  # this notebook's rows only
+      if ds.has_ground_truth else "no ground truth in base_dir: the masks are written, but not scored")
 
 # %% [markdown]
 # ## Foreground-vs-background guidance
@@ -114,6 +116,12 @@ for s in (1.0, P["fg_bg_guidance"]):
 
 # %% [markdown]
 # ## Exercises
+#
+# Exercises 1 and 3 change a parameter. Step 4 records its settings in `out_dir` and will
+# not mix outputs of two settings: a rerun into the same folder stops with a
+# `RunConfigError` naming the difference. So, in the parameters cell, either set `out_dir`
+# to a new folder (run notebooks 01-03 there first), or set `overwrite = True` to recompute
+# step 4 into the same folder (its old outputs are replaced; note the table first).
 #
 # 1. Set `close_and_fill = True`. Which images gain, which lose?
 # 2. Inpaint with the *untuned* teaching model (`models.load_pipeline("teaching")`) and

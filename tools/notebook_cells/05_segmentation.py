@@ -32,11 +32,13 @@ device = "auto"
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fgbg import course, data, evaluate, inpaint, masks, segmenter, viz
+from fgbg import course, data, evaluate, inpaint, masks, runs, segmenter, viz
 
 P = course.setup(globals())
-train = data.load_dataset(P["base_dir"], splits=["train"], limit=P["limit"])
-test = evaluate.split_subsets(data.load_dataset(P["base_dir"], splits=["test"], limit=P["limit"]))["test"]
+ds = data.load_dataset(P["base_dir"], splits=["train", "test"], limit=P["limit"])
+train = [it for it in ds if it.split == 1]
+test = evaluate.split_subsets(ds)["test"]
+print(ds.summary())
 print(f"train on {len(train)} images, test on {len(test)}")
 
 
@@ -50,12 +52,16 @@ def read(path_fn):
 
 # %%
 nets, losses = {}, {}
-for name, target in (("unet_refined", inpaint.refined_mask_path), ("unet_prelim", masks.prelim_mask_path)):
+targets = {"unet_refined": (inpaint.refined_mask_path, inpaint.inpaint_dir(P["out_dir"])),
+           "unet_prelim": (masks.prelim_mask_path, masks.prelim_dir(P["out_dir"]))}
+for name, (target, source) in targets.items():
     nets[name], losses[name] = segmenter.train_segmenter(
-        train.items, read(target), size=P["seg_size"], iterations=P["seg_iterations"],
+        train, read(target), size=P["seg_size"], iterations=P["seg_iterations"],
         batch_size=P["seg_batch_size"], lr=P["seg_lr"], seed=P["seed"], device=P["device"],
         channels=segmenter.channels_for_width(P["seg_width"]))
-    segmenter.save_segmenter(nets[name], f"{P['out_dir']}/segmenter/{name}.safetensors")
+    segmenter.save_segmenter(nets[name], f"{P['out_dir']}/segmenter/{name}.safetensors", meta={
+        "trained_on": str(source), "made_from": runs.read_run_config(source), "size": P["seg_size"],
+        "iterations": P["seg_iterations"], "seed": P["seed"], "train_images": len(train)})
 
 fig, ax = plt.subplots(figsize=(5, 2.2), dpi=72)
 for name, l in losses.items():
@@ -70,12 +76,22 @@ def predicted(net):
     return lambda it: segmenter.predict(net, data.read_image(it.image_path), size=P["seg_size"])[1]
 
 rows = {name: segmenter.evaluate_masks(predicted(net), test) for name, net in nets.items()}
-metrics = evaluate.update_metrics(P["out_dir"], {
-    **{k: {m: v[m] for m in ("acc", "iou", "miou", "dice")} for k, v in rows.items()},
-    "unet_refined_per_image_iou": rows["unet_refined"]["per_image_iou"]})
+metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
+                                     sources=[masks.prelim_dir(P["out_dir"]), inpaint.inpaint_dir(P["out_dir"])])
 
 # %% check
-print(evaluate.table2(metrics))
+print(evaluate.table2(metrics) if ds.has_ground_truth else "no ground truth in base_dir: nothing to score")
+
+# %% [markdown]
+# ## The product: a mask for every image
+# The U-Net trained on M is what the method delivers: a segmenter for the object class,
+# trained without a single human mask. It writes its mask of every image of the dataset
+# (all splits, ground truth or not) to `out_dir/masks/unet_refined/`, in each image's own
+# pixels.
+
+# %%
+every = data.load_dataset(P["base_dir"], splits=list(data.SPLITS), limit=P["limit"])
+print(segmenter.save_predicted_masks(nets["unet_refined"], every, P["out_dir"], "unet_refined", size=P["seg_size"]))
 
 # %% [markdown]
 # ## Look at the predictions
@@ -84,7 +100,7 @@ print(evaluate.table2(metrics))
 def panels_for(it):
     im = data.read_image(it.image_path)
     return [("image", im), ("M_pre", read(masks.prelim_mask_path)(it)), ("refined M", read(inpaint.refined_mask_path)(it)),
-            ("U-Net on M", predicted(nets["unet_refined"])(it)), ("truth", data.read_mask(it.gt_path))]
+            ("U-Net on M", predicted(nets["unet_refined"])(it)), viz.truth_panel(it, im.shape)]
 
 viz.browse(test, panels_for)
 
@@ -93,6 +109,7 @@ viz.browse(test, panels_for)
 #
 # 1. Train on the ground truth of the training split (`mask_fn=lambda it: data.read_mask(it.gt_path)`):
 #    the paper's "fully supervised" row. How far is distillation from supervision here?
-# 2. Halve `seg_iterations`. Which row suffers most?
+# 2. Halve `seg_iterations`. Which row suffers most? (Step 5 always retrains, so the same
+#    `out_dir` works, but its rows in `metrics.json` are replaced: note the table first.)
 # 3. Per-image IoU: which test images does the U-Net get wrong? Are they the ones where M
 #    was wrong?
