@@ -363,7 +363,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         metrics = run(a.params, overrides, names, a.kernel, a.cell_timeout or None)
         print(f"\nall notebooks done in {time.time() - t0:.0f} s\n")
-        print(results_table(metrics, table2=True))
+        print(results_table(metrics, table2=True) or "no metrics for this run: its dataset has no ground truth "
+                                                      "(the masks are in out_dir/masks/)")
         return 0
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
