@@ -70,6 +70,20 @@ def native_half_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def describe_device(device: str | None = None) -> str:
+    """One line on the device the course will use and the precision ``dtype: auto`` gives it,
+    e.g. "GPU: Tesla T4 (compute capability 7.5, 14.7 GiB): the pipeline runs in float16"."""
+    dev = pick_device(device)
+    dt = str(pick_dtype(dev)).removeprefix("torch.")
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        return (f"GPU: {p.name} (compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB): "
+                f"the pipeline runs in {dt}")
+    if dev.type == "mps":
+        return f"Apple GPU (MPS): the pipeline runs in {dt}"
+    return f"no GPU: the course runs on the CPU in {dt} (on Colab: Runtime > Change runtime type > T4 GPU)"
+
+
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """``dtype`` when given (a torch dtype or fp32 / fp16 / bf16), else, for None or
     "auto", :func:`native_half_dtype` of ``device``."""

@@ -2,8 +2,10 @@
 
 The committed .ipynb files are the product; this script is how they are edited in
 review-friendly Python. Cells are separated by lines ``# %% [markdown]``, ``# %%``,
-``# %% parameters`` (the papermill parameters cell) and ``# %% check`` (a cell whose
-printed output nbval compares; the marker ``# NBVAL_CHECK_OUTPUT`` is added).
+``# %% parameters`` (the papermill parameters cell), ``# %% check`` (a cell whose
+printed output nbval compares; the marker ``# NBVAL_CHECK_OUTPUT`` is added) and
+``# %% colab`` (the Colab set-up cell, ``tools/colab_cell.py``, with the repository URL of
+pyproject.toml). The first markdown cell gets the notebook's "Open in Colab" badge.
 
     python tools/build_notebooks.py            # write notebooks/*.ipynb without outputs
     python tools/build_notebooks.py --execute  # ... then run them and keep only the
@@ -22,6 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "tools" / "notebook_cells"
 OUT = ROOT / "notebooks"
 CHECK = "# NBVAL_CHECK_OUTPUT"
+BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def repository() -> str:
+    """The repository's URL: pyproject.toml's [project.urls] Repository, its one home."""
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def colab_url(notebook: str) -> str:
+    """The "Open in Colab" link of ``notebooks/<notebook>.ipynb`` on the main branch."""
+    owner_repo = repository().removeprefix("https://github.com/").removesuffix(".git").strip("/")
+    return f"https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{notebook}.ipynb"
+
+
+def colab_badge(notebook: str) -> str:
+    return f"[![Open In Colab]({BADGE})]({colab_url(notebook)})"
 
 
 def parse(text: str) -> list:
@@ -36,6 +55,9 @@ def parse(text: str) -> list:
             cells.append(nbformat.v4.new_code_cell(body, metadata={"tags": ["parameters"]}))
         elif head == "check":
             cells.append(nbformat.v4.new_code_cell(f"{CHECK}\n{body}"))
+        elif head == "colab":
+            code = (ROOT / "tools" / "colab_cell.py").read_text().replace("{repository}", repository())
+            cells.append(nbformat.v4.new_code_cell(code.strip("\n") + ("\n" + body if body.strip() else "")))
         elif head == "":
             cells.append(nbformat.v4.new_code_cell(body))
         else:
@@ -46,6 +68,8 @@ def parse(text: str) -> list:
 def build(name: str) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = parse((SRC / f"{name}.py").read_text())
+    first = next(c for c in nb.cells if c.cell_type == "markdown")
+    first.source = f"{colab_badge(name)}\n\n{first.source}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     path = OUT / f"{name}.ipynb"

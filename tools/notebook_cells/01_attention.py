@@ -27,10 +27,7 @@
 # encoder, UNet, VAE and noise schedule, much smaller). The same cells run SD v1.4 on
 # CUB-200-2011 with `params/cub_sd14.yaml`.
 
-# %%
-# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
-# A no-op everywhere else.
-! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+# %% colab
 
 # %% parameters
 model = "teaching"

@@ -15,10 +15,7 @@
 # back to the original pixels. The paper reports AUC-ROC 97.1 for the raw maps on CUB and
 # IoU 29.0 for M_pre: coarse, but a start that steps 3-5 refine.
 
-# %%
-# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
-# A no-op everywhere else.
-! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+# %% colab
 
 # %% parameters
 base_dir = "data/miniworld"

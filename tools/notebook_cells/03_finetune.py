@@ -22,10 +22,7 @@
 # rate, and samples come from an exponential moving average (EMA) of its weights. The
 # reference trains about a day on two A6000 GPUs; the mini world needs minutes on a CPU.
 
-# %%
-# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
-# A no-op everywhere else.
-! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+# %% colab
 
 # %% parameters
 model = "teaching"

@@ -20,10 +20,7 @@
 # The paper's simpler baseline, **M_crop**, fills M_pre's box with mirrored background
 # from beside it instead of inpainting.
 
-# %%
-# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
-# A no-op everywhere else.
-! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+# %% colab
 
 # %% parameters
 base_dir = "data/miniworld"

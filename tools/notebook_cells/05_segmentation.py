@@ -10,10 +10,7 @@
 # The paper's numbers on CUB-200-2011 (IoU): M_pre 29.0 -> refined M 63.6 -> U-Net on M 75.1.
 # Here the same table for this run.
 
-# %%
-# On Colab: clone this repository to /content/fgbg first (see README); this installs it.
-# A no-op everywhere else.
-! [ -e /content/fgbg/pyproject.toml ] && pip install -q -e "/content/fgbg[course]"
+# %% colab
 
 # %% parameters
 base_dir = "data/miniworld"
