@@ -11,10 +11,32 @@ two hyperparameter-free operations:
    a tight, large background cluster does not pull the threshold towards itself.
 2. **3x3 majority vote** ("orphan filter").  A pixel is foreground iff at least 5 of the 9
    pixels of its 3x3 neighbourhood (itself included) are foreground.  Isolated pixels vanish,
-   one-pixel holes are filled.  Pixels outside the image count as background.
+   one-pixel holes are filled.
 
     M_pre = majority3x3(map > gmm_midpoint_threshold(map))                (step 2)
     M     = upsample(M_pre) AND majority3x3(D > gmm_midpoint_threshold(D)) (step 4)
+
+Two details the paper leaves open have named options; the defaults are the reference code's
+(``src/foreground_masks.py``, ``GMMMaskSuggestor``):
+
+* ``border`` of :func:`majority3x3`: the reference writes the 3x3 vote to the *interior*
+  cells only, so the cells on the grid's border keep their thresholded value (``"keep"``,
+  default).  ``"background"``: outside the grid counts as background (zero padding), so
+  border cells see at most 6 (corners 4) foreground cells (fgbg's rule until 2026-11-30).
+  The reference uses the same filter for step 4's D, so :func:`refined_mask` has the same
+  option and default.
+* ``gmm_cells`` of :func:`preliminary_mask`: step 1 pastes the image into the top-left of a
+  square canvas, so a non-square image leaves padding cells on the latent grid.  ``"all"``
+  (default, the reference): the GMM is fitted on every cell of the map, padding included,
+  and the padding cells are thresholded and voted like any other cell: they vote for their
+  image neighbours and are not masked out afterwards.  ``"image"``: the GMM is fitted on the
+  image's cells only and padding cells are background before and after the vote (fgbg's
+  rule until 2026-11-30).  Either way the saved M_pre is ``fgbg.data.map_back`` of the
+  latent mask, which never reads a padding cell, so only the image's cells reach the PNG
+  and steps 3-5.
+
+``STEP2_RULES`` names the two combinations: ``"reference"`` (all, keep) and ``"fgbg"``
+(image, background); the course parameter ``step2_rules`` picks one.
 
 Everything here is plain numpy/scipy and works on arrays of any size; functions that say so
 also accept batches shaped (..., H, W) and treat each image on its own.
@@ -33,7 +55,25 @@ __all__ = [
     "refined_mask",
     "fill_and_close",
     "upsample_mask",
+    "BORDERS",
+    "GMM_CELLS",
+    "STEP2_RULES",
 ]
+
+BORDERS = ("keep", "background")
+"""Border rules of :func:`majority3x3`: "keep" (the reference), "background" (zero padding)."""
+GMM_CELLS = ("all", "image")
+"""Cells the GMM of :func:`preliminary_mask` is fitted on: "all" (the reference), "image"."""
+STEP2_RULES = {
+    "reference": {"gmm_cells": "all", "border": "keep"},
+    "fgbg": {"gmm_cells": "image", "border": "background"},
+}
+"""The course parameter ``step2_rules``: the keyword arguments of step 2 each name stands for."""
+
+
+def _check_option(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def gmm_midpoint_threshold(values, seed: int = 0) -> float:
@@ -65,46 +105,71 @@ def gmm_midpoint_threshold(values, seed: int = 0) -> float:
     return float(gmm.means_.ravel().mean())
 
 
-def majority3x3(mask) -> np.ndarray:
+def majority3x3(mask, border: str = "keep") -> np.ndarray:
     """3x3 majority vote: foreground iff >= 5 of the 9 pixels around (and at) it are.
 
-    Outside the image counts as background (zero padding), so e.g. the corner pixels of a
-    fully foreground image see only 4 foreground pixels and switch off.  Works on (H, W) and
-    on batches (..., H, W), each image separately (the 3x3 window never crosses images).
+    ``border`` says what happens on the grid's outermost rows and columns:
+
+    * ``"keep"`` (default, the reference's ``filter_orphan_pixel``): the vote is written to
+      the interior cells only; border cells keep their input value.  Interior cells count
+      their border neighbours' *input* values.
+    * ``"background"``: outside the grid counts as background (zero padding), so e.g. the
+      corner pixels of a fully foreground image see only 4 foreground pixels and switch off.
+
+    Works on (H, W) and on batches (..., H, W), each image separately (the 3x3 window never
+    crosses images; the border is that of the last two axes).  Returns bool.
     """
+    _check_option("majority3x3: border", border, BORDERS)
     m = np.asarray(mask)
     if m.ndim < 2:
         raise ValueError(f"majority3x3: expected (..., H, W), got shape {m.shape}")
+    b = m.astype(bool)
     weights = np.ones((1,) * (m.ndim - 2) + (3, 3), dtype=np.int32)
-    counts = ndimage.correlate(m.astype(np.int32), weights, mode="constant", cval=0)
-    return counts >= 5
+    out = ndimage.correlate(b.astype(np.int32), weights, mode="constant", cval=0) >= 5
+    if border == "keep":
+        for edge in (np.s_[..., 0, :], np.s_[..., -1, :], np.s_[..., :, 0], np.s_[..., :, -1]):
+            out[edge] = b[edge]
+    return out
 
 
-def preliminary_mask(attn_map, valid=None, seed: int = 0) -> np.ndarray:
+def preliminary_mask(attn_map, valid=None, seed: int = 0, gmm_cells: str = "all",
+                     border: str = "keep") -> np.ndarray:
     """Step 2: M_pre = majority3x3(map > gmm_midpoint_threshold(map)) for one (H, W) map.
 
     ``valid`` (optional, bool, same shape) marks the cells that hold image content; the rest
-    is canvas padding (step 1 pastes the image into the top-left of a square canvas).  The
-    GMM is fitted on valid cells only, invalid cells are background before the vote (so they
-    cannot vote for their neighbours) and after it.  A map with no valid cell gives an empty
-    mask.
+    is canvas padding (step 1 pastes the image into the top-left of a square canvas).
+
+    * ``gmm_cells="all"`` (default, the reference): the GMM is fitted on every cell, padding
+      included; padding cells are thresholded, take part in the vote and are returned as
+      they come out of it (not masked out), as in the reference.  ``valid`` is then only
+      checked for its shape.
+    * ``gmm_cells="image"``: the GMM is fitted on valid cells only; invalid cells are
+      background before the vote (so they cannot vote for their neighbours) and after it.
+      A map with no valid cell gives an empty mask.
+
+    ``border`` is :func:`majority3x3`'s rule for the grid's border (the canvas's edge, not
+    the image's edge against padding); default the reference's "keep".  Without ``valid``
+    both ``gmm_cells`` rules are the same.  (The saved M_pre of :func:`preliminary_masks`
+    is mapped back to the image's pixels, which never reads padding cells.)
     """
+    _check_option("preliminary_mask: gmm_cells", gmm_cells, GMM_CELLS)
+    _check_option("preliminary_mask: border", border, BORDERS)
     a = np.asarray(attn_map, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"preliminary_mask: expected an (H, W) map, got shape {a.shape}")
-    if valid is None:
-        return majority3x3(a > gmm_midpoint_threshold(a, seed=seed))
-    v = np.asarray(valid, dtype=bool)
-    if v.shape != a.shape:
+    v = None if valid is None else np.asarray(valid, dtype=bool)
+    if v is not None and v.shape != a.shape:
         raise ValueError(f"preliminary_mask: map shape {a.shape} != valid shape {v.shape}")
+    if v is None or gmm_cells == "all":
+        return majority3x3(a > gmm_midpoint_threshold(a, seed=seed), border)
     if not v.any():
         return np.zeros(a.shape, dtype=bool)
     fg = (a > gmm_midpoint_threshold(a[v], seed=seed)) & v
-    return majority3x3(fg) & v
+    return majority3x3(fg, border) & v
 
 
-def refined_mask(m_pre_up, diff, seed: int = 0) -> np.ndarray:
-    """Step 4: M = m_pre_up AND majority3x3(diff > gmm_midpoint_threshold(diff)).
+def refined_mask(m_pre_up, diff, seed: int = 0, border: str = "keep") -> np.ndarray:
+    """Step 4: M = m_pre_up AND majority3x3(diff > gmm_midpoint_threshold(diff), border).
 
     ``m_pre_up`` is the preliminary mask already upsampled to full image resolution (the
     reference's bilinear rule, :func:`fgbg.inpaint.upsampled_m_pre`, or the exact blocks of
@@ -112,6 +177,11 @@ def refined_mask(m_pre_up, diff, seed: int = 0) -> np.ndarray:
     the same resolution.  Where inpainting the background changed the picture a lot, the
     object was; intersecting with M_pre keeps only changes inside the attention region, so
     M is always a subset of ``m_pre_up``.
+
+    ``border``: :func:`majority3x3`'s rule at the image's border; default "keep", as the
+    reference, whose step 4 thresholds D with the same ``GMMMaskSuggestor`` (GMM midpoint
+    and ``filter_orphan_pixel``) as step 2.  D covers the image only, so there is no padding
+    here and the GMM is fitted on all of D, as in the reference.
     """
     m = np.asarray(m_pre_up, dtype=bool)
     d = np.asarray(diff, dtype=np.float64)
@@ -119,7 +189,7 @@ def refined_mask(m_pre_up, diff, seed: int = 0) -> np.ndarray:
         raise ValueError(
             f"refined_mask: m_pre_up shape {m.shape} and diff shape {d.shape} must be equal (H, W)"
         )
-    return m & majority3x3(d > gmm_midpoint_threshold(d, seed=seed))
+    return m & majority3x3(d > gmm_midpoint_threshold(d, seed=seed), border)
 
 
 def fill_and_close(mask, closing: bool = True, fill_holes: bool = True) -> np.ndarray:
@@ -177,14 +247,18 @@ def prelim_mask_path(out_dir, item):
 
 
 def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", seed: int = 0,
-                      overwrite: bool = False, progress: bool = True):
+                      overwrite: bool = False, progress: bool = True, *, gmm_cells: str = "all",
+                      border: str = "keep"):
     """Step 2 over a dataset: M_pre of every image whose step-1 map exists, computed on the
-    latent grid (GMM fitted on the cells that hold the image), then mapped back to the
-    original pixel grid and written as an 8-bit PNG (0/255) to
+    latent grid by :func:`preliminary_mask` with ``gmm_cells`` and ``border`` (defaults: the
+    reference's rules, GMM on every cell of the map and border cells kept; ``STEP2_RULES``
+    names both sets), then mapped back to the original pixel grid (nearest, never reading
+    padding cells) and written as an 8-bit PNG (0/255) to
     ``<out_dir>/masks/prelim/<same relative path>.png``. Returns a StepReport.
 
-    The masks' ``run_config.json`` records the step-1 settings they were made from, so a
-    rerun after step 1 was redone with another model or setting is refused, not skipped."""
+    The masks' ``run_config.json`` records the step-1 settings they were made from and the
+    rules, so a rerun after step 1 was redone with another model or setting, or with other
+    rules, is refused, not skipped."""
     from pathlib import Path
 
     from .attention import load_attention
@@ -192,6 +266,8 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
     from .io import save_png
     from .runs import for_each_item, read_run_config, step_outputs
 
+    _check_option("preliminary_masks: gmm_cells", gmm_cells, GMM_CELLS)
+    _check_option("preliminary_masks: border", border, BORDERS)
     step1 = read_run_config(Path(out_dir) / attention_subdir)
     if step1 is None:
         raise FileNotFoundError(f"{Path(out_dir) / attention_subdir}: no step-1 run there; run step 1 first "
@@ -202,9 +278,10 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
         vr, vc = valid_region(pl, amap.shape[0])
         valid = np.zeros(amap.shape, bool)
         valid[:vr, :vc] = True
-        m = map_back(preliminary_mask(amap, valid, seed), pl, "nearest")
+        m = map_back(preliminary_mask(amap, valid, seed, gmm_cells=gmm_cells, border=border), pl, "nearest")
         save_png(prelim_mask_path(out_dir, item), m.astype(np.uint8) * 255)
 
-    with step_outputs(prelim_dir(out_dir), {"step1": step1, "seed": seed}, overwrite=overwrite, out_dir=out_dir):
+    config = {"step1": step1, "seed": seed, "gmm_cells": gmm_cells, "border": border}
+    with step_outputs(prelim_dir(out_dir), config, overwrite=overwrite, out_dir=out_dir):
         return for_each_item("step 2 (M_pre)", dataset, lambda it: [prelim_mask_path(out_dir, it)], work,
                              out_dir=out_dir, progress=progress)

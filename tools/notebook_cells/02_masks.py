@@ -24,6 +24,7 @@ out_dir = "runs/demo"
 splits = ["train", "test"]
 limit = None
 controls = True
+step2_rules = "reference"   # or "fgbg": see fgbg.masks.STEP2_RULES
 seed = 0
 overwrite = False
 
@@ -39,19 +40,41 @@ print(ds.summary())
 # %% [markdown]
 # ## One map, by hand
 # The histogram of a map's values has a large mode (background) and a tail (the bird).
-# The red line is the midpoint of the two Gaussian means.
+# The red line is the midpoint of the two Gaussian means. With `step2_rules = "reference"`
+# (the default, as the paper's code does it) the mixture is fitted on every cell of the
+# latent map, canvas padding included, and the majority vote leaves the grid's border cells
+# as they were thresholded; `"fgbg"` fits on the image's cells only and counts everything
+# outside the image as background.
 
 # %%
 item = next(it for it in ds if it.split == 0)
 amap, pl = attention.load_attention(P["out_dir"], item)
 vr, vc = data.valid_region(pl, amap.shape[0])
-t = masks.gmm_midpoint_threshold(amap[:vr, :vc], seed=P["seed"])
-viz.plot_gmm_threshold(amap[:vr, :vc], t);
+rules = masks.STEP2_RULES[P["step2_rules"]]
+cells = amap if rules["gmm_cells"] == "all" else amap[:vr, :vc]
+t = masks.gmm_midpoint_threshold(cells, seed=P["seed"])
+viz.plot_gmm_threshold(cells, t);
 raw = amap > t
-m_pre = masks.majority3x3(raw)
+m_pre = masks.majority3x3(raw, border=rules["border"])
 img = data.read_image(item.image_path)
 viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("after 3x3 majority", m_pre),
               viz.truth_panel(item, img.shape)]);
+
+# %% [markdown]
+# ## With the model's self-attention (an option, not the paper's)
+# Notebook 01 also ran step 1 on the test split with **self-attention refinement**: the map
+# multiplied k times by the UNet's own self-attention matrix, `A_self^k @ map`, so that
+# each latent position takes the mean of the map over the positions it attends to. Same
+# step 2 on both. Per row: the raw map and its M_pre, then the refined map and its M_pre.
+# The results table below scores it on the whole test split ("attn + self-attn").
+
+# %%
+test_two = [it for it in ds if it.split == 0][:2]
+if attention.attention_path(P["out_dir"], test_two[0], attention.SELF_ATTENTION_SUBDIR).exists():
+    viz.show_row([p for it in test_two for p in attention.self_attention_panels(
+        P["out_dir"], it, seed=P["seed"], **masks.STEP2_RULES[P["step2_rules"]])], rows=len(test_two));
+else:
+    print("no self-attention run in out_dir: notebook 01 makes one when controls = True")
 
 # %% [markdown]
 # ## M_pre for every image
@@ -60,7 +83,8 @@ viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("a
 # original image's pixel grid, under `out_dir/masks/prelim/`.
 
 # %%
-report = masks.preliminary_masks(ds, P["out_dir"], seed=P["seed"], overwrite=P["overwrite"])
+report = masks.preliminary_masks(ds, P["out_dir"], seed=P["seed"], **masks.STEP2_RULES[P["step2_rules"]],
+                                 overwrite=P["overwrite"])
 print(report)
 
 # %% [markdown]
