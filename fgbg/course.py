@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .params import SCHEMA, ParameterError, from_namespace, gather
 
-NOTEBOOKS = ("01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation")
+NOTEBOOKS = ("01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation", "06_synthetic")
 # Test harnesses (make test) set this so that nbval never touches a user's runs/demo.
 OUT_DIR_ENV = "FGBG_OUT_DIR"
 

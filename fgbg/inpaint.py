@@ -413,7 +413,7 @@ def inpaint_and_refine(pipe, items, out_dir: str | Path, prompt: str = BACKGROUN
 # --------------------------------------------------------------------------- fg-vs-bg sampling
 @torch.no_grad()
 def sample_fg_bg(pipe, fg_prompt: str, bg_prompt: str, scale: float, n: int, num_inference_steps: int = 50,
-                 seed: int = 0, batch_size: int = 16) -> np.ndarray:
+                 seed: int = 0, batch_size: int = 16, seeds: list[int] | None = None) -> np.ndarray:
     """Sample ``n`` images steered from the background towards the foreground concept.
 
     DDIM (eta 0) from pure noise, with the noise prediction
@@ -423,14 +423,21 @@ def sample_fg_bg(pipe, fg_prompt: str, bg_prompt: str, scale: float, n: int, num
     i.e. classifier-free guidance with the background prompt in place of the empty one;
     ``scale = 1`` is plain conditional sampling with ``fg_prompt``. The initial noise of all
     ``n`` images is drawn at once from ``torch.Generator().manual_seed(seed)`` (like
-    diffusers' pipelines), then ``batch_size`` images at a time are denoised.
+    diffusers' pipelines), then ``batch_size`` images at a time are denoised. With
+    ``seeds`` (one per image, ``n`` is then ``len(seeds)``) image k's noise comes from its
+    own generator, so an image does not depend on the others (resumable datasets, D').
     Returns uint8 (n, H, W, 3).
     """
     unet = pipe.unet
     size = unet.config.sample_size
     scheduler = _ddim(pipe, num_inference_steps)
     fg, bg = encode_prompt(pipe, fg_prompt), encode_prompt(pipe, bg_prompt)
-    noise = torch.randn((n, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    shape = (unet.config.in_channels, size, size)
+    if seeds is not None:
+        n = len(seeds)
+        noise = _randn(shape, n, [torch.Generator().manual_seed(int(s)) for s in seeds])
+    else:
+        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     images = []
     for s in range(0, n, batch_size):
         z = noise[s:s + batch_size].to(unet.device) * scheduler.init_noise_sigma

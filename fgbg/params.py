@@ -63,6 +63,11 @@ def _upsamplings() -> tuple:
     return tuple(UPSAMPLINGS)
 
 
+def _step2_rules() -> tuple:
+    from .masks import STEP2_RULES  # lazy, like the others
+    return tuple(STEP2_RULES)
+
+
 NON_EMPTY = Allowed("a non-empty string", lambda v: bool(v.strip()))
 DEVICE = Allowed("'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps'",
                  lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None)
@@ -106,13 +111,37 @@ SCHEMA: dict[str, Param] = {
                 SPLITS),
     "limit": _p((int, NULL), None, "at most this many images per split (None: all)", at_least(1)),
     "resize_mode": _p((str,), "pad", "'pad' (reference: top-left on a -1 canvas) or 'resize'", one_of(RESIZE_MODES)),
-    "controls": _p((bool,), True, "also run the untrained-network control of step 1"),
+    "controls": _p((bool,), True, "also run the untrained-network control of step 1 and its self-attention "
+                  "comparison (test split)"),
     "unet_batch": _p((int,), 40, "UNet samples per forward pass in step 1", at_least(1)),
+    "self_attention_k": _p((int,), 0, "refine step 1's maps with the UNet's own self-attention, A_self^k "
+                          "(0: off, the reference; see fgbg.attention.refine_with_self_attention)", at_least(0)),
+    "self_attention_resolution": _p((int, NULL), None, "latent rows of the self-attention layers used when "
+                                   "self_attention_k > 0 (None: the largest at most 32)", at_least(1)),
+    # step 2: preliminary masks
+    "step2_rules": _p((str,), "reference", "step 2's rules: 'reference' (GMM on every cell of the latent map, "
+                     "canvas padding included; the 3x3 majority leaves the grid's border cells as thresholded) "
+                     "or 'fgbg' (GMM on the image's cells only; padding and outside the grid count as "
+                     "background); see fgbg.masks.STEP2_RULES", one_of(_step2_rules)),
     # step 3: fine-tuning (concept distillation)
     "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000; "
                         "0: no fine-tuning)", at_least(0)),
     "finetune_batch_size": _p((int,), 8, "fine-tuning batch size (reference 8)", at_least(1)),
     "finetune_lr": _p((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)", positive()),
+    # step 3's memory-saving options (fgbg.finetune.FinetuneConfig; docs/memory.md): defaults = the paper's
+    "finetune_gradient_checkpointing": _p((bool, NULL), None, "recompute activations in the backward pass "
+                                          "(null: on for CUDA, off on the CPU)", one_of((True, False))),
+    "finetune_mixed_precision": _p((str,), "auto", "autocast over fp32 master weights: 'auto' (bf16 from compute "
+                                   "capability 8.0, fp16 with loss scaling on older GPUs, none on CPU), 'no', "
+                                   "'bf16', 'fp16' (CUDA only)", one_of(("auto", "no", "bf16", "fp16"))),
+    "finetune_optimizer": _p((str,), "adamw", "'adamw', or 'adamw8bit' (bitsandbytes' 8-bit AdamW, CUDA only: "
+                             "pip install bitsandbytes)", one_of(("adamw", "adamw8bit"))),
+    "finetune_lora_rank": _p((int,), 0, "0: fine-tune the whole UNet (the paper); r > 0: only a LoRA of rank r on "
+                             "the attention projections trains (needs peft), merged into the UNet when saved",
+                             at_least(0)),
+    "finetune_ema": _p((str,), "gpu", "EMA of the weights: 'gpu' (on the training device), 'cpu' (in CPU "
+                       "memory), 'off' (save the raw weights)", one_of(("gpu", "cpu", "off"))),
+    "finetune_ema_every": _p((int,), 1, "update the EMA every N steps", at_least(1)),
     # step 4: inpainting and refined masks
     "inpaint_batch_size": _p((int,), 16, "images per batch of the inpainting sampler", at_least(1)),
     "m_pre_upsampling": _p((str,), "bilinear", "M_pre to pixels for M: 'bilinear' (reference, dilates by up to "
@@ -125,6 +154,9 @@ SCHEMA: dict[str, Param] = {
     "seg_iterations": _p((int,), 600, "U-Net training iterations (the paper: about 12k)", at_least(1)),
     "seg_batch_size": _p((int,), 16, "U-Net batch size (the paper: 32)", at_least(1)),
     "seg_lr": _p((float, int), 2e-3, "Adam learning rate of the U-Net (the paper: 2e-3)", positive()),
+    # D': the synthetic set (notebook 06)
+    "dprime_size": _p((int,), 32, "images in the synthetic set D' (sampled from the fine-tuned model with "
+                      "fg_bg_guidance; 0: no D')", at_least(0)),
     "seed": _p((int,), 0, "seed of every random draw", SEED),
     "device": _p((str,), "auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'", DEVICE),
     "dtype": _p((str,), "auto", "'auto' (bf16/fp16 on GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'", one_of(DTYPES)),

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 SHORT = {"rev_diff_steps": 2, "num_inference_steps": 4, "unet_batch": 2, "finetune_steps": 2,
          "finetune_batch_size": 2, "inpaint_batch_size": 2, "seg_iterations": 4, "seg_batch_size": 2,
-         "seg_width": 4, "device": "cpu"}
+         "seg_width": 4, "dprime_size": 2, "device": "cpu"}
 
 
 CPU_BF16 = pytest.mark.skipif(os.environ.get("FGBG_TEST_CPU_BF16") != "1",
@@ -47,10 +47,10 @@ def test_cub_params_run_the_notebooks_unchanged(tmp_path, dtype):
     out = tmp_path / "run"
     metrics = course.run("params/cub_sd14.yaml",
                          {"model": str(model), "base_dir": str(base), "out_dir": str(out), **SHORT, "dtype": dtype},
-                         ["01_attention", "02_masks", "03_finetune", "04_inpaint", "05_segmentation"],
+                         list(course.NOTEBOOKS),
                          cell_timeout=600)  # a stuck cell fails here, naming the cell
 
-    for name in ("prelim", "crop", "unet_prelim", "refined", "unet_refined"):
+    for name in ("prelim", "crop", "unet_prelim", "refined", "unet_refined", "unet_refined_dprime"):
         row = metrics[name]
         assert set(row) >= {"acc", "iou", "miou", "dice"}, name
         assert all(0.0 <= row[k] <= 1.0 for k in ("acc", "iou", "miou", "dice")), (name, row)
@@ -68,6 +68,6 @@ def test_cub_params_run_the_notebooks_unchanged(tmp_path, dtype):
         assert read_image(inpainted_path(out, it)).shape == (375, 500, 3)
         assert read_mask(refined_mask_path(out, it)).shape == (375, 500)
     assert sorted(p.name for p in (out / "notebooks").glob("*.ipynb")) == [
-        "01_attention.ipynb", "02_masks.ipynb", "03_finetune.ipynb", "04_inpaint.ipynb", "05_segmentation.ipynb"]
+        f"{n}.ipynb" for n in course.NOTEBOOKS]
     assert (out / "finetuned" / "model_index.json").is_file()
     assert np.isfinite([metrics["unet_refined"]["iou"]]).all()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 SHORT = {"limit": 2, "rev_diff_steps": 2, "num_inference_steps": 4, "unet_batch": 2, "controls": False,
          "finetune_steps": 2, "finetune_batch_size": 2, "inpaint_batch_size": 2, "seg_iterations": 4,
-         "seg_batch_size": 2, "seg_width": 4, "device": "cpu", "make_mini_world": False}
+         "seg_batch_size": 2, "seg_width": 4, "dprime_size": 2, "device": "cpu", "make_mini_world": False}
 
 
 def test_a_dataset_without_ground_truth_runs_all_notebooks_and_writes_every_mask(tmp_path):

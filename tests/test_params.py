@@ -115,7 +115,8 @@ def test_demo_yaml_equals_the_notebook_defaults():
     demo = yaml.safe_load(open("params/demo.yaml"))
     import glob
     notebooks = sorted(glob.glob("notebooks/*.ipynb"))
-    assert len(notebooks) == 5
+    from fgbg.course import NOTEBOOKS
+    assert notebooks == [f"notebooks/{n}.ipynb" for n in NOTEBOOKS]
     for nb in notebooks:
         for name, p in pm.inspect_notebook(nb).items():
             assert name in params.SCHEMA, f"{nb}: parameter {name} not in fgbg.params.SCHEMA"
