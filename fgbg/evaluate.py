@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .attention import attention_path, load_attention
+from .attention import SELF_ATTENTION_SUBDIR, attention_path, load_attention
 from .baselines import border_colour_saliency, centre_prior
 from .data import DatasetError, map_back, read_image, read_mask
 from .io import atomic_write_text
@@ -34,17 +34,42 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def prelim_mask_of(amap, pl, seed: int = 0, **rules) -> np.ndarray:
+    """Step 2 for one map on the latent grid, as :func:`fgbg.masks.preliminary_masks` makes
+    it (``rules``: its keyword rules, e.g. ``gmm_cells``, ``border``), mapped back (nearest)
+    to the original pixels."""
+    from .data import valid_region
+    vr, vc = valid_region(pl, amap.shape[0])
+    valid = np.zeros(amap.shape, bool)
+    valid[:vr, :vc] = True
+    return map_back(preliminary_mask(amap, valid, seed, **rules), pl, "nearest")
+
+
+def _step2_rules_of(out_dir: Path) -> dict:
+    """The keyword rules step 2 was run with in ``out_dir`` (its run config), if any."""
+    from .runs import read_run_config
+    cfg = read_run_config(prelim_dir(out_dir)) or {}
+    return {k: cfg[k] for k in ("gmm_cells", "border") if k in cfg}
+
+
 def evaluate_steps12(items, out_dir, untrained_subdir: str | None = "attention_untrained",
-                     seed: int = 0) -> tuple[dict, list[tuple[str, str]]]:
+                     seed: int = 0, self_attention_subdir: str | None = SELF_ATTENTION_SUBDIR
+                     ) -> tuple[dict, list[tuple[str, str]]]:
     """Metrics of steps 1-2 over ``items`` that have ground truth and step-1/2 outputs.
+
+    Where ``self_attention_subdir`` holds a step-1 map of an image (step 1 with
+    ``self_attention_k`` > 0), its map is scored too, as ``"self_attention"``: AUC, IoU of
+    the M_pre made from it (:func:`prelim_mask_of`, with the rules of this run's step 2),
+    bird>other, and its k and resolution.
 
     Returns (metrics, skipped) where skipped lists (image, reason) for images that could
     not be scored.
     """
     out_dir = Path(out_dir)
-    auc = {"attention": [], "centre": [], "saliency": [], "untrained": [], "photo_token": []}
+    auc = {"attention": [], "centre": [], "saliency": [], "untrained": [], "photo_token": [], "self_attention": []}
     sep = {k: [] for k in auc}
-    conf = {"prelim": Confusion(), "centre": Confusion(), "saliency": Confusion()}
+    conf = {"prelim": Confusion(), "centre": Confusion(), "saliency": Confusion(), "self_attention": Confusion()}
+    sa_setting, rules = set(), _step2_rules_of(out_dir) if self_attention_subdir else {}
     skipped, n = [], 0
     for item in items:
         if item.gt_path is None:
@@ -63,6 +88,14 @@ def evaluate_steps12(items, out_dir, untrained_subdir: str | None = "attention_u
                       "centre": centre_prior(*shape), "saliency": border_colour_saliency(img)}
             if untrained_subdir and attention_path(out_dir, item, untrained_subdir).exists():
                 scores["untrained"] = map_back(load_attention(out_dir, item, untrained_subdir)[0], pl, "bilinear")
+            sa_pre = None
+            if self_attention_subdir and attention_path(out_dir, item, self_attention_subdir).exists():
+                sa_map, sa_pl = load_attention(out_dir, item, self_attention_subdir)
+                scores["self_attention"] = map_back(sa_map, sa_pl, "bilinear")
+                sa_pre = prelim_mask_of(sa_map, sa_pl, seed, **rules)
+                with np.load(attention_path(out_dir, item, self_attention_subdir)) as z:
+                    sa_setting.add((int(z["self_attention_k"]), int(z["self_attention_resolution"]))
+                                   if "self_attention_k" in z else (0, None))
             dis = read_mask(item.distractor_path, shape) if item.distractor_path else None
         except (DatasetError, OSError, KeyError, ValueError) as e:
             skipped.append((item.rel, f"{type(e).__name__}: {e}"))
@@ -75,12 +108,23 @@ def evaluate_steps12(items, out_dir, untrained_subdir: str | None = "attention_u
         conf["prelim"].update(pre, gt)
         for k in ("centre", "saliency"):
             conf[k].update(preliminary_mask(scores[k], seed=seed), gt)
+        if sa_pre is not None:
+            conf["self_attention"].update(sa_pre, gt)
     r = lambda x: round(float(x), 4)  # noqa: E731
     m = {"n_images": n, "step1_auc": r(_mean(auc["attention"])), "prelim": conf["prelim"].as_dict(4),
          "baselines": {k: {"auc": r(_mean(auc[k])), "iou": r(conf[k].iou)} for k in ("centre", "saliency")},
          "controls": {"photo_token": {"auc": r(_mean(auc["photo_token"]))}}}
     if auc["untrained"]:
         m["controls"]["untrained"] = {"auc": r(_mean(auc["untrained"]))}
+    if auc["self_attention"]:
+        if len(sa_setting) != 1:
+            raise ValueError(f"{out_dir / self_attention_subdir}: maps of several self-attention settings "
+                             f"(k, resolution): {sorted(sa_setting, key=str)}; rerun step 1 there with overwrite")
+        (k, res), = sa_setting
+        m["self_attention"] = {"k": k, "resolution": res, "n_images": len(auc["self_attention"]),
+                               "auc": r(_mean(auc["self_attention"])), "iou": r(conf["self_attention"].iou)}
+        if sep["self_attention"]:
+            m["self_attention"]["bird_vs_distractor_auc"] = r(_mean(sep["self_attention"]))
     if sep["attention"]:
         m["bird_vs_distractor_auc"] = r(_mean(sep["attention"]))
         for k in ("centre", "saliency"):
@@ -99,7 +143,8 @@ def split_subsets(items) -> dict[str, list]:
 
 
 def evaluate_and_record_steps12(items, out_dir, untrained_subdir: str = "attention_untrained",
-                                seed: int = 0) -> tuple[dict, list[tuple[str, str]]]:
+                                seed: int = 0, self_attention_subdir: str | None = SELF_ATTENTION_SUBDIR
+                                ) -> tuple[dict, list[tuple[str, str]]]:
     """Notebook 02's scoring: :func:`evaluate_steps12` on the test subset and on the
     distractor subset, recorded in metrics.json (:func:`update_metrics`) with the step
     outputs they come from. Returns (this run's metrics, skipped images); ({}, []) when no
@@ -110,7 +155,8 @@ def evaluate_and_record_steps12(items, out_dir, untrained_subdir: str = "attenti
     results, skipped = {}, []
     for name, sub in subsets.items():
         if any(it.gt_path is not None for it in sub):
-            results[name], s = evaluate_steps12(sub, out_dir, untrained_subdir, seed=seed)
+            results[name], s = evaluate_steps12(sub, out_dir, untrained_subdir, seed=seed,
+                                                self_attention_subdir=self_attention_subdir)
             skipped += s
     if not results:
         return {}, []
@@ -120,6 +166,8 @@ def evaluate_and_record_steps12(items, out_dir, untrained_subdir: str = "attenti
     sources = [out_dir / "attention", prelim_dir(out_dir)]
     if untrained_subdir and (out_dir / untrained_subdir).is_dir():
         sources.append(out_dir / untrained_subdir)
+    if self_attention_subdir and (out_dir / self_attention_subdir).is_dir():
+        sources.append(out_dir / self_attention_subdir)
     return update_metrics(out_dir, updates, items=items, sources=sources), skipped
 
 
@@ -219,6 +267,9 @@ def current_metrics(out_dir) -> tuple[dict, list[str]]:
 def steps12_table(m: dict) -> str:
     """A small text table of steps 1-2 (what the notebooks print and nbval compares)."""
     rows = [("attention (step 1)", m.get("step1_auc"), m["prelim"]["iou"], m.get("bird_vs_distractor_auc"))]
+    if "self_attention" in m:  # step 1 refined by A_self^k (fgbg.attention.refine_with_self_attention)
+        sa = m["self_attention"]
+        rows.append((f"attn + self-attn (k={sa['k']})", sa["auc"], sa["iou"], sa.get("bird_vs_distractor_auc")))
     for k in ("centre", "saliency"):
         b = m["baselines"][k]
         rows.append((f"baseline: {k}", b["auc"], b["iou"], b.get("bird_vs_distractor_auc")))

@@ -117,7 +117,8 @@ SCHEMA: dict[str, Param] = {
     "self_attention_k": _p((int,), 0, "refine step 1's maps with the UNet's own self-attention, A_self^k "
                           "(0: off, the reference; see fgbg.attention.refine_with_self_attention)", at_least(0)),
     "self_attention_resolution": _p((int, NULL), None, "latent rows of the self-attention layers used when "
-                                   "self_attention_k > 0 (None: the largest at most 32)", at_least(1)),
+                                   "self_attention_k > 0 (None: the largest below the latent grid, at most 32: "
+                                   "SD 32, the teaching model 8)", at_least(1)),
     # step 2: preliminary masks
     "step2_rules": _p((str,), "reference", "step 2's rules: 'reference' (GMM on every cell of the latent map, "
                      "canvas padding included; the 3x3 majority leaves the grid's border cells as thresholded) "

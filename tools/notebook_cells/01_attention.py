@@ -46,6 +46,8 @@ limit = None
 resize_mode = "pad"
 controls = True
 unet_batch = 40
+self_attention_k = 0   # > 0: refine the maps with the UNet's self-attention, A_self^k (not in the reference)
+self_attention_resolution = None
 seed = 0
 device = "auto"
 dtype = "auto"
@@ -191,7 +193,8 @@ report = attention.save_attention_maps(
     extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
     num_inference_steps=P["num_inference_steps"],
     num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
-    resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], overwrite=P["overwrite"])
+    resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], overwrite=P["overwrite"],
+    self_attention_k=P["self_attention_k"], self_attention_resolution=P["self_attention_resolution"])
 print(report)
 if P["controls"]:  # the untrained-network control, on the test split only
     test = [it for it in full if it.split == 0]
@@ -199,8 +202,35 @@ if P["controls"]:  # the untrained-network control, on the test split only
         untrained, test, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
         extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
         num_inference_steps=P["num_inference_steps"], seed=P["seed"], resize_mode=P["resize_mode"],
-        unet_batch=P["unet_batch"], subdir="attention_untrained", overwrite=P["overwrite"]))
+        unet_batch=P["unet_batch"], subdir="attention_untrained", overwrite=P["overwrite"],
+        self_attention_k=P["self_attention_k"], self_attention_resolution=P["self_attention_resolution"]))
 del untrained
+
+# %% [markdown]
+# ### A refinement from outside the paper: the model's own self-attention
+#
+# Later training-free methods (DiffSegmenter, Dataset Diffusion, iSeg) sharpen raw
+# cross-attention maps with the UNet's **self-attention**: in the same UNet passes, the
+# self-attention layers of one resolution (the teaching model's 8x8 layers, as its 16x16
+# ones attend almost uniformly; SD's 32x32 layers) say, for each position, which other
+# positions it attends to: a row-stochastic N x N matrix `A_self` (averaged over heads,
+# layers and levels, kept as a running sum). The refined map is `A_self^k @ map`: each
+# position takes the attention-weighted mean of the map over the positions it attends to,
+# k times. The parameter `self_attention_k` (default 0: off, as in the paper) refines the
+# maps above; with the controls, step 1 runs once more on the test split with it on
+# (k = `self_attention_k`, or 1 when that is 0) into its own folder. Notebook 02 compares
+# both.
+
+# %%
+if P["controls"]:
+    print(attention.save_attention_maps(
+        pipe, test, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
+        extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
+        num_inference_steps=P["num_inference_steps"],
+        num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
+        resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], subdir=attention.SELF_ATTENTION_SUBDIR,
+        self_attention_k=P["self_attention_k"] or attention.SELF_ATTENTION_COURSE_K,
+        self_attention_resolution=P["self_attention_resolution"], overwrite=P["overwrite"]))
 
 # %% check
 amap, pl = attention.load_attention(P["out_dir"], full.items[0])

@@ -66,7 +66,9 @@ viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("a
 # multiplied k times by the UNet's own self-attention matrix, `A_self^k @ map`, so that
 # each latent position takes the mean of the map over the positions it attends to. Same
 # step 2 on both. Per row: the raw map and its M_pre, then the refined map and its M_pre.
-# The results table below scores it on the whole test split ("attn + self-attn").
+# The results table below scores it on the whole test split ("attn + self-attn"): on the
+# mini world it sharpens M_pre, but spreads the bird's map onto other objects too (the
+# bird>other column); self-attention groups the pixels of *an* object, whatever it is.
 
 # %%
 test_two = [it for it in ds if it.split == 0][:2]
