@@ -215,20 +215,74 @@ def remove_orphans(folder: str | Path) -> int:
     return n
 
 
+def process_group():
+    """accelerate's ``PartialState`` when this process is one of several started by
+    ``accelerate launch`` (or torchrun), else None: one process behaves exactly as without
+    accelerate."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+    # without CUDA, accelerate needs to be told that the processes are CPU processes (gloo)
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu)
+    return state if state.num_processes > 1 else None
+
+
+def shard(items: list, state=None) -> list:
+    """This process's share of ``items`` (all of them without a process group): contiguous
+    shards as accelerate's ``split_between_processes`` cuts them."""
+    state = state if state is not None else process_group()
+    if state is None:
+        return items
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
 @contextlib.contextmanager
 def step_outputs(folder: str | Path, config: dict, overwrite: bool = False, also: tuple[str | Path, ...] = (),
                  out_dir: str | Path | None = None):
     """The frame of every dataset step: lock the step's folders, refuse or clear outputs of
     other settings (:func:`check_run_config`), remove leftovers of interrupted writes, and
-    turn an output folder that cannot be written into one clear :class:`OutputError`."""
-    with step_lock(folder):
+    turn an output folder that cannot be written into one clear :class:`OutputError`.
+
+    Under ``accelerate launch`` the main process does all of that, holding the lock for the
+    whole run, and tells the others whether to go on (they raise the same error if not);
+    each process then writes its own shard (:func:`for_each_item`), and the frame waits for
+    all of them before the lock is released."""
+    state = process_group()
+
+    def prepare():
         try:
             check_run_config(folder, config, overwrite=overwrite, also=also)
         except OSError as e:
             raise (fatal_output_error(e, out_dir or Path(folder).parent) or e) from e
         for f in (folder, *also):
             remove_orphans(f)
+
+    if state is None:
+        with step_lock(folder):
+            prepare()
+            yield
+        return
+    from accelerate.utils import broadcast_object_list
+    with contextlib.ExitStack() as stack:
+        error: BaseException | None = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(step_lock(folder))
+                prepare()
+            except Exception as e:  # noqa: BLE001 - told to every process, raised by all
+                error = e
+        message = broadcast_object_list([None if error is None else (type(error).__name__, str(error))])[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            kind = {"RunConfigError": RunConfigError, "RunLockedError": RunLockedError,
+                    "OutputError": OutputError}.get(message[0], RuntimeError)
+            raise kind(f"{message[1]} (told by the main process)")
         yield
+        state.wait_for_everyone()
 
 
 def is_complete(path: Path) -> bool:
@@ -282,7 +336,8 @@ def for_each_item(step: str, items: Iterable[Item], outputs: Callable[[Item], li
     Exceptions of the ``expected`` kinds skip the image with its message; anything else
     (a bug, out of memory) stops the run, since it would hit every image alike.
     """
-    items = list(items)
+    state = process_group()
+    items = shard(list(items), state)
     report = StepReport(step)
     for item in progress_bar(items, desc=step, disable=not progress, leave=False):
         if not overwrite and all(is_complete(p) for p in outputs(item)):
@@ -299,8 +354,24 @@ def for_each_item(step: str, items: Iterable[Item], outputs: Callable[[Item], li
         except Exception:
             print(f"{step}: unexpected error on {item.rel} (line {item.line}):\n{traceback.format_exc()}")
             raise
-    _append_skipped(report, out_dir)
+    report = _merged(report, state)
+    _append_skipped(report, out_dir, state)
     return report
+
+
+def _merged(report: StepReport, state) -> StepReport:
+    """The reports of all processes as one (in process order); the report itself alone."""
+    if state is None:
+        return report
+    from accelerate.utils import gather_object
+    parts = gather_object([report])
+    out = StepReport(report.step)
+    for r in parts:
+        out.done += r.done
+        out.reused += r.reused
+        out.skipped += r.skipped
+        out.notes += r.notes
+    return out
 
 
 def _stop_if_fatal(e: BaseException, out_dir) -> None:
@@ -309,8 +380,11 @@ def _stop_if_fatal(e: BaseException, out_dir) -> None:
         raise fatal from e
 
 
-def _append_skipped(report: StepReport, out_dir: str | Path | None) -> None:
-    """Append the report's skipped images to ``<out_dir>/skipped.txt`` (step, image, why)."""
+def _append_skipped(report: StepReport, out_dir: str | Path | None, state=None) -> None:
+    """Append the report's skipped images to ``<out_dir>/skipped.txt`` (step, image, why);
+    with several processes, the main one writes the merged report."""
+    if state is not None and not state.is_main_process:
+        return
     if out_dir is not None and report.skipped:
         path = Path(out_dir) / "skipped.txt"
         try:
@@ -343,7 +417,8 @@ def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], l
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    items = list(items)
+    state = process_group()
+    items = shard(list(items), state)
     report = StepReport(step)
     bar = progress_bar(total=len(items), desc=step, disable=not progress, leave=False)
 
@@ -397,5 +472,6 @@ def for_each_batch(step: str, items: Iterable[Item], outputs: Callable[[Item], l
     if batch:
         flush(batch)
     bar.close()
-    _append_skipped(report, out_dir)
+    report = _merged(report, state)
+    _append_skipped(report, out_dir, state)
     return report

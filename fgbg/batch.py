@@ -1,0 +1,129 @@
+"""The dataset steps from the command line, on one process or many (Hugging Face accelerate).
+
+Steps 1 and 4 (and D' sampling) treat every image on its own, so they split a dataset
+between processes the way diffusers' distributed-inference guide does
+(``PartialState().split_between_processes``): each process takes its shard, writes its
+images' outputs as always (atomic, resumable), and the main process merges the reports
+(the skipped images of every process) once all have finished. One process without
+accelerate behaves exactly as the notebooks do. Parameters come from a params file and
+``-p`` overrides, as for ``python -m fgbg.course run``::
+
+    # one process (CPU or one GPU)
+    python -m fgbg.batch attention -f params/cub_sd14.yaml -p base_dir data/CUB_200_2011
+    # every GPU of this machine, one process each
+    accelerate launch --num_processes 8 -m fgbg.batch attention -f params/cub_sd14.yaml ...
+    # two CPU processes (a test of the same path)
+    accelerate launch --cpu --num_processes 2 -m fgbg.batch attention -f params/quick.yaml
+
+``attention`` runs step 1 (and the untrained control when ``controls`` is on), ``inpaint``
+step 4 (needs steps 2 and 3 in the same out_dir), ``dprime`` samples D'. The steps between
+(2: masks, seconds; 3: fine-tuning) run as usual, in the notebooks or their functions.
+Each command prints its report, and the last line is a JSON summary (``done``, ``reused``,
+``skipped`` counts) for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .params import ParameterError
+
+
+def _device(P: dict):
+    """Each process's device: accelerate's for this process when ``device`` is auto."""
+    from .runs import process_group
+    state = process_group()
+    if P["device"] == "auto" and state is not None:
+        return str(state.device)
+    return P["device"]
+
+
+def step1(P: dict, progress: bool = True) -> list:
+    """Step 1 (and the untrained-network control on the test split) over ``P``'s dataset."""
+    from . import attention, course, data, models
+    pipe = models.load_pipeline(P["model"], _device(P), P["dtype"])
+    ds = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
+    kw = dict(prompt=P["foreground_prompt"], object_word=P["object_word"], extractor=P["extractor"],
+              steps=P["steps"], rev_diff_steps=P["rev_diff_steps"], num_inference_steps=P["num_inference_steps"],
+              num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
+              resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], overwrite=P["overwrite"], progress=progress,
+              self_attention_k=P["self_attention_k"], self_attention_resolution=P["self_attention_resolution"])
+    reports = [attention.save_attention_maps(pipe, ds, P["out_dir"], **kw)]
+    if P["controls"]:
+        test = [it for it in ds if it.split == 0]
+        if test:
+            untrained = course.untrained_copy(pipe, seed=P["seed"])
+            reports.append(attention.save_attention_maps(untrained, test, P["out_dir"], subdir="attention_untrained",
+                                                         **kw))
+    return reports
+
+
+def step4(P: dict, progress: bool = True) -> list:
+    """Step 4 over ``P``'s dataset with the fine-tuned model of ``out_dir``."""
+    from . import data, finetune, inpaint
+    tuned = finetune.load_finetuned(P["out_dir"], _device(P), P["dtype"])
+    ds = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
+    return [inpaint.inpaint_and_refine(
+        tuned, ds, P["out_dir"], prompt=P["background_prompt"], num_inference_steps=P["num_inference_steps"],
+        batch_size=P["inpaint_batch_size"], seed=P["seed"], resize_mode=P["resize_mode"],
+        m_pre_upsampling=P["m_pre_upsampling"], close_and_fill=P["close_and_fill"], overwrite=P["overwrite"],
+        progress=progress)]
+
+
+def dprime(P: dict, progress: bool = True) -> list:
+    """D' sampling (notebook 06's first step) with the fine-tuned model of ``out_dir``."""
+    from . import finetune, synthetic
+    tuned = finetune.load_finetuned(P["out_dir"], _device(P), P["dtype"])
+    return [synthetic.synthesize(tuned, P["out_dir"], P["dprime_size"], fg_prompt=P["foreground_prompt"],
+                                 bg_prompt=P["background_prompt"], scale=P["fg_bg_guidance"],
+                                 num_inference_steps=P["num_inference_steps"], seed=P["seed"],
+                                 batch_size=P["inpaint_batch_size"], overwrite=P["overwrite"],
+                                 progress=progress)[1]]
+
+
+STEPS = {"attention": step1, "inpaint": step4, "dprime": dprime}
+
+
+def main(argv=None) -> int:
+    from .course import _first_line, precheck, repo_root
+    from .params import gather
+    p = argparse.ArgumentParser(prog="python -m fgbg.batch", description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=sorted(STEPS))
+    p.add_argument("-f", "--params", help="params YAML (e.g. params/cub_sd14.yaml)")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="override one parameter (YAML value syntax); paths relative to the current folder")
+    a = p.parse_args(argv)
+    import yaml
+
+    from .models import ModelLoadError
+    from .runs import OutputError, RunConfigError, RunLockedError, process_group
+    try:
+        overrides = {k: yaml.safe_load(v) for k, v in a.param}
+        given, P, origins = gather(a.params, overrides)
+        P.update(precheck(given, P, origins, source=str(a.params or "command line")))
+        if P["make_mini_world"]:
+            from pathlib import Path
+
+            from .course import prepare_mini_world
+            state = process_group()
+            if state is None or state.is_main_process:
+                prepare_mini_world(Path(P["base_dir"]), repo_root(Path(__file__).parent), P["seed"])
+            if state is not None:
+                state.wait_for_everyone()
+        reports = STEPS[a.step](P, progress=False)
+    except (ParameterError, RunConfigError, RunLockedError, OutputError, FileNotFoundError, ModelLoadError) as e:
+        print(f"error: {_first_line(e, 400)}", file=sys.stderr)
+        return 2
+    state = process_group()
+    if state is None or state.is_main_process:
+        for r in reports:
+            print(r)
+        print(json.dumps({"step": a.step, "done": sum(len(r.done) for r in reports),
+                          "reused": sum(len(r.reused) for r in reports),
+                          "skipped": sum(len(r.skipped) for r in reports)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
