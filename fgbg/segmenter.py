@@ -212,7 +212,9 @@ def train_segmenter(items, mask_fn, size: int = 64, iterations: int = 1500, batc
         raise DatasetError(f"train_segmenter: none of the {len(items)} items could be used "
                            f"({len(skipped)} skipped, see the messages above)")
     imgs, masks = [t.to(dev) for t in imgs], [t.to(dev) for t in masks]
-    model.to(dev).train()
+    # channels-last: oneDNN's (and cuDNN's) faster convolution layout; about 25 % less CPU
+    # time per iteration for the mini world's U-Net (benchmarks: same function, other layout)
+    model.to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -223,7 +225,7 @@ def train_segmenter(items, mask_fn, size: int = 64, iterations: int = 1500, batc
             order += torch.randperm(len(imgs), generator=g).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         pairs = [_random_crop(imgs[i], masks[i], size, crop_scale, g) for i in idx]
-        x = torch.stack([p[0] for p in pairs])
+        x = torch.stack([p[0] for p in pairs]).contiguous(memory_format=torch.channels_last)
         y = torch.stack([p[1] for p in pairs])
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -232,7 +234,7 @@ def train_segmenter(items, mask_fn, size: int = 64, iterations: int = 1500, batc
         losses.append(float(loss.item()))
         if it % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()  # as load_segmenter gives it: same predictions
     model.skipped = skipped
     return model, losses
 
