@@ -52,8 +52,10 @@ notebooks: setup
 teaching-model: setup
 	$(BIN)/python -m fgbg.teaching_model train --work data/teaching-train --save-to fgbg/assets/teaching-model
 
+# The smoke test of benchmarks/bench_gpu.py on the CPU (under a minute). On a GPU:
+#   .venv/bin/python benchmarks/bench_gpu.py --json runs/bench/<card>.json --profile   (benchmarks/README.md)
 bench: setup
-	$(BIN)/python benchmarks/bench_step1.py
+	$(BIN)/python benchmarks/bench_gpu.py --cpu --json runs/bench/cpu.json
 
 clean:
 	rm -rf runs/nbval runs/build .pytest_cache
