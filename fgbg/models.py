@@ -12,14 +12,17 @@ support it, else fp16; fp32 on CPU).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from .teaching_model import ASSET_DIR, SCALED_LINEAR, TeachingConfig, build_text_encoder, build_unet, build_vae
+# the parts it shares with fgbg.teaching_model (which it never imports): see fgbg.sd_parts
+from .sd_parts import (ASSET_DIR, CLIP_TOKENIZER_DIR, SCALED_LINEAR, TeachingConfig,  # noqa: F401
+                       build_text_encoder, build_unet, build_vae, dtype_kwarg, library_progress_bars_off,
+                       load_tokenizer, pick_device)
 
 TEACHING = ("teaching", "builtin", "teaching-model")
-CLIP_TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
 
 
 class ModelLoadError(RuntimeError):
@@ -38,16 +41,6 @@ def _only_pickles(folder: Path) -> bool:
     files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
     return (not any(f.endswith(".safetensors") for f in files)
             and any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files))
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def native_half_dtype(device: torch.device | str) -> torch.dtype:
@@ -133,8 +126,11 @@ def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str
         source = str(path)
     else:
         source = model
-    kw = dict(torch_dtype=dt, safety_checker=None, requires_safety_checker=False,
+    kw = dict(**dtype_kwarg(dt), safety_checker=None, requires_safety_checker=False,
               use_safetensors=None if allow_pickle else True)
+    from .runs import PROGRESS_ENV
+    if os.environ.get(PROGRESS_ENV) == "0":  # a batch run: no bar would ever be watched
+        library_progress_bars_off()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kw)
     except (OSError, ValueError, ConnectionError) as e:
@@ -159,7 +155,6 @@ def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str
 
 def clip_tokenizer():
     """The real CLIP tokenizer (OpenAI's BPE vocabulary), shipped with fgbg."""
-    from .teaching_model import load_tokenizer
     return load_tokenizer(CLIP_TOKENIZER_DIR)
 
 

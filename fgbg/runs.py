@@ -39,6 +39,11 @@ def progress_bar(iterable=None, **kwargs):
     """fgbg's progress bar: ``tqdm.auto`` updated at most once a second, off when the
     environment has ``FGBG_PROGRESS=0``.
 
+    tqdm's own switches in the environment are honoured too, whenever they are set:
+    ``TQDM_DISABLE=1`` turns the bar off (also where the caller passes ``disable=False``),
+    as it turns off diffusers' and transformers' bars; ``TQDM_MININTERVAL`` (seconds)
+    replaces the one second.
+
     Why not tqdm's defaults: in a notebook every update of the bar is a Jupyter message,
     up to ten a second. A client that reads the kernel's messages only after a cell has
     finished (nbval) can lose some of thousands of them, and when the lost one is the
@@ -50,8 +55,12 @@ def progress_bar(iterable=None, **kwargs):
     import os
 
     from tqdm.auto import tqdm
-    kwargs.setdefault("mininterval", 1.0)
-    if os.environ.get(PROGRESS_ENV) == "0":
+    try:
+        kwargs.setdefault("mininterval", float(os.environ.get("TQDM_MININTERVAL", 1.0)))
+    except ValueError:
+        kwargs.setdefault("mininterval", 1.0)
+    if (os.environ.get(PROGRESS_ENV) == "0"
+            or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")):
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
 

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,55 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write_text
-
-ASSET_DIR = Path(__file__).parent / "assets" / "teaching-model"
-SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                     steps_offset=1, prediction_type="epsilon")
-
-
-@dataclass
-class TeachingConfig:
-    image_size: int = 64
-    text_hidden: int = 128
-    latent_channels: int = 4
-    vae_channels: tuple = (16, 32, 64)
-    unet_channels: tuple = (32, 64, 128)
-    layers_per_block: int = 1
-    # Heads per block. diffusers' UNet2DConditionModel calls this `attention_head_dim` but
-    # uses it as the NUMBER of heads (SD v1's 8); (1, 2, 4) gives heads of 32 channels.
-    attention_heads: tuple = (1, 2, 4)
-    seed: int = 0
-
-
-def build_text_encoder(cfg: TeachingConfig):
-    from transformers import CLIPTextConfig, CLIPTextModel
-    tc = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-                        num_hidden_layers=0, num_attention_heads=max(1, cfg.text_hidden // 64),
-                        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                        pad_token_id=49407, projection_dim=cfg.text_hidden)
-    return CLIPTextModel(tc)
-
-
-def build_vae(cfg: TeachingConfig):
-    from diffusers import AutoencoderKL
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels,
-                         layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=16,
-                         sample_size=cfg.image_size, scaling_factor=1.0)
-
-
-def build_unet(cfg: TeachingConfig):
-    from diffusers import UNet2DConditionModel
-    f = 2 ** (len(cfg.vae_channels) - 1)
-    return UNet2DConditionModel(
-        sample_size=cfg.image_size // f, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=cfg.unet_channels, layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.attention_heads,
-        norm_num_groups=32)
+# the parts it shares with fgbg.models (which it never imports): see fgbg.sd_parts
+from .sd_parts import (ASSET_DIR, CLIP_TOKENIZER_DIR, SCALED_LINEAR, TeachingConfig,  # noqa: F401
+                       build_text_encoder, build_unet, build_vae, load_tokenizer, pick_device)
 
 
 def build_scheduler():
@@ -132,20 +86,6 @@ def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
     (out / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return out
-
-
-def load_tokenizer(folder: str | Path):
-    """CLIPTokenizer from a folder with vocab.json + merges.txt (transformers 4 and 5).
-
-    Never ``CLIPTokenizer(vocab_file=..., merges_file=...)``: transformers 5 ignores the
-    files there and returns a tokenizer that maps every word to id 2.
-    """
-    from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    ids = tok("a photo of a cat").input_ids
-    if ids != [49406, 320, 1125, 539, 320, 2368, 49407]:
-        raise RuntimeError(f"tokenizer in {folder} is broken: 'a photo of a cat' -> {ids}")
-    return tok
 
 
 # --------------------------------------------------------------------------- captions
@@ -202,9 +142,8 @@ class CaptionTokenizer:
 
 # --------------------------------------------------------------------------- training
 def _device_and_dtype(device: str | None):
-    """The training device (the course's rule, ``fgbg.models.pick_device``) and the autocast
+    """The training device (the course's rule, ``fgbg.sd_parts.pick_device``) and the autocast
     dtype: bf16 on CUDA, none (fp32) elsewhere."""
-    from .models import pick_device  # fgbg.models imports this module
     dev = pick_device(device)
     return dev, (torch.bfloat16 if dev.type == "cuda" else None)
 
@@ -492,9 +431,8 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
         from .miniworld import write_corpus
         write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)))
     if not (work / "tokenizer" / "vocab.json").exists():
-        from .models import CLIP_TOKENIZER_DIR  # the shipped copy of the CLIP BPE files
         (work / "tokenizer").mkdir(parents=True, exist_ok=True)
-        if (CLIP_TOKENIZER_DIR / "vocab.json").exists():
+        if (CLIP_TOKENIZER_DIR / "vocab.json").exists():  # the shipped copy of the CLIP BPE files
             for f in ("vocab.json", "merges.txt"):
                 (work / "tokenizer" / f).write_bytes((CLIP_TOKENIZER_DIR / f).read_bytes())
         else:

@@ -6,10 +6,13 @@ import numpy as np
 DPI = 72
 
 
-def _fig(n: int, size: float = 2.0, rows: int = 1):
+def _fig(n: int, size: float = 2.0, rows: int = 1, extra_width: float = 0.0):
+    """A grid of ``n`` panels, axes off, laid out by matplotlib's constrained layout (which
+    makes room for titles, a suptitle and colour bars instead of letting them collide)."""
     import matplotlib.pyplot as plt
     cols = int(np.ceil(n / rows))
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.3), dpi=DPI, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + extra_width, size * rows + 0.3), dpi=DPI,
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, list(axes.flat)
@@ -23,36 +26,125 @@ def to_uint8(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def show_row(panels: list[tuple[str, np.ndarray]], size: float = 2.0, cmap: str = "magma", rows: int = 1):
-    """One panel per (title, image or map); maps get a colour map."""
-    fig, axes = _fig(len(panels), size, rows)
+def is_map(a) -> bool:
+    """A panel that is a map (2-D, numbers): drawn with a colour map, and on the shared
+    scale. Images (H, W, 3) and masks (2-D bool) are drawn as they are, without a bar."""
+    a = np.asarray(a)
+    return a.ndim == 2 and a.dtype != bool
+
+
+def _shorten(text: str, width_in: float, fontsize: float = 8, lines: int = 2) -> str:
+    """``text`` wrapped to ``width_in`` inches, at most ``lines`` lines, "..." where cut."""
+    import textwrap
+    chars = max(8, int(width_in * 72 / (0.6 * fontsize)))
+    out = textwrap.wrap(str(text), chars, break_long_words=True) or [""]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][:chars - 3] + "..."
+    return "\n".join(out)
+
+
+def _name(item, width_in: float, fontsize: float = 8) -> str:
+    """An item's name (its path in the dataset) on one line of ``width_in`` inches: the end
+    of a long path, where the file's name is, with "..." in front."""
+    text = str(getattr(item, "rel", item))
+    chars = max(8, int(width_in * 72 / (0.6 * fontsize)))
+    return text if len(text) <= chars else "..." + text[-(chars - 3):]
+
+
+def _draw(ax, a, cmap: str, limits=None):
+    """One panel: an image as it is, a mask in black and white, a map in ``cmap`` (on
+    ``limits`` = (vmin, vmax) when the scale is shared)."""
+    a = np.asarray(a)
+    if a.ndim == 3:
+        return ax.imshow(a, interpolation="nearest")
+    if a.dtype == bool:
+        return ax.imshow(a, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    vmin, vmax = limits if limits is not None else (None, None)
+    return ax.imshow(a, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+
+
+def _limits(arrays) -> tuple[float, float] | None:
+    """The common (vmin, vmax) of the maps among ``arrays``; None without maps."""
+    maps = [np.asarray(a, dtype=np.float64) for a in arrays if is_map(a)]
+    maps = [m[np.isfinite(m)] for m in maps]
+    maps = [m for m in maps if m.size]
+    if not maps:
+        return None
+    lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    return (lo, hi) if hi > lo else (lo, lo + 1e-12)
+
+
+def _colorbar(fig, mappable, axes, label: str | None, rows: int = 1):
+    bar = fig.colorbar(mappable, ax=axes, shrink=0.85 if rows == 1 else 0.5, aspect=15 if rows == 1 else 25,
+                       pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    if label:
+        bar.set_label(label, fontsize=8)
+    return bar
+
+
+def show_row(panels: list[tuple[str, np.ndarray]], size: float = 2.0, cmap: str = "magma", rows: int = 1,
+             shared: bool = False, label: str | None = None):
+    """One panel per (title, image, mask or map); maps get a colour map.
+
+    ``shared=True``: every map of the figure on one colour scale, with one colour bar
+    (titled ``label``), so that the maps can be compared by their colours; images and masks
+    keep theirs. Without it each map is scaled to its own minimum and maximum."""
+    limits = _limits(a for _, a in panels) if shared else None
+    fig, axes = _fig(len(panels), size, rows, extra_width=0.8 if limits else 0.0)
+    mappable = None
     for ax, (title, a) in zip(axes, panels):
-        a = np.asarray(a)
-        ax.imshow(a, cmap=None if a.ndim == 3 else cmap, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+        im = _draw(ax, a, cmap, limits)
+        if is_map(a):
+            mappable = im
+        ax.set_title(_shorten(title, size), fontsize=8)
+    if limits is not None and mappable is not None:
+        _colorbar(fig, mappable, axes, label, rows)
+    return fig
+
+
+def show_rows(rows: dict[str, list[np.ndarray]], size: float = 1.5, cmap: str = "magma"):
+    """Rows of images (e.g. samples of a prompt), one row per key: the key, wrapped to the
+    row's width, is the row's title, left-aligned above it; the panels have no titles."""
+    rows = {k: list(v) for k, v in rows.items()}
+    cols = max((len(v) for v in rows.values()), default=1)
+    fig, axes = _fig(max(1, len(rows)) * cols, size, rows=max(1, len(rows)))
+    for r, (name, images) in enumerate(rows.items()):
+        for c, a in enumerate(images):
+            _draw(axes[r * cols + c], a, cmap)
+        axes[r * cols].set_title(_shorten(name, size * cols, lines=1), fontsize=8, loc="left")
     return fig
 
 
 def show_by_resolution(image, maps, tok: int):
-    """The map of token ``tok`` from each cross-attention resolution, then their mean."""
+    """The map of token ``tok`` from each cross-attention resolution, then their mean, on
+    one colour scale."""
     panels = [("image", to_uint8(image))]
     for r in maps.resolutions:
         panels.append((f"{r}x{r} layers", maps.mean(resolutions=[r])[0, tok].numpy()))
     panels.append(("mean of all layers", maps.mean()[0, tok].numpy()))
-    return show_row(panels)
+    return show_row(panels, shared=True, label="attention probability")
 
 
 def show_by_level(maps, tok: int, n: int = 6):
-    """The map of token ``tok`` at a few noise levels (needs by_level=True)."""
+    """The map of token ``tok`` at a few noise levels (needs by_level=True), on one scale."""
     idx = np.linspace(0, len(maps.timesteps) - 1, n).round().astype(int)
-    return show_row([(f"t = {maps.timesteps[i]}", maps.mean(levels=[int(i)])[0, tok].numpy()) for i in idx])
+    return show_row([(f"t = {maps.timesteps[i]}", maps.mean(levels=[int(i)])[0, tok].numpy()) for i in idx],
+                    shared=True, label="attention probability")
+
+
+def token_label(token: str) -> str:
+    """A CLIP token as a short label: 'bird', <sot>, <eot>."""
+    return token.replace("</w>", "").replace("<|startoftext|>", "<sot>").replace("<|endoftext|>", "<eot>")
 
 
 def show_by_token(maps, indices: list[int]):
-    """The maps of several tokens of the prompt."""
+    """The maps of several tokens of the prompt, on one colour scale: where each token's
+    share of the attention goes (at every position the shares of all 77 tokens sum to 1)."""
     m = maps.mean()[0]
-    return show_row([(repr(maps.tokens[i].replace("</w>", "")), m[i].numpy()) for i in indices])
+    return show_row([(repr(token_label(maps.tokens[i])), m[i].numpy()) for i in indices],
+                    shared=True, label="attention probability")
 
 
 def token_mass(maps, n_tokens: int | None = None) -> dict[int, np.ndarray]:
@@ -68,27 +160,53 @@ def plot_token_mass(maps, n_tokens: int = 10):
     """Bar chart: how much attention each of the first tokens gets, per layer resolution."""
     import matplotlib.pyplot as plt
     mass = token_mass(maps, n_tokens)
-    labels = [t.replace("</w>", "").replace("<|startoftext|>", "<sot>").replace("<|endoftext|>", "<eot>")
-              for t in maps.tokens[:n_tokens]]
-    fig, ax = plt.subplots(figsize=(7, 2.4), dpi=DPI)
+    labels = [token_label(t) for t in maps.tokens[:n_tokens]]
+    fig, ax = plt.subplots(figsize=(7, 2.4), dpi=DPI, layout="constrained")
     w = 0.8 / len(mass)
     for k, (r, v) in enumerate(mass.items()):
         ax.bar(np.arange(len(v)) + k * w, v, w, label=f"{r}x{r}")
     ax.set_xticks(np.arange(len(labels)) + 0.4 - w / 2, labels, rotation=30, fontsize=8)
     ax.set_ylabel("attention mass")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend(fontsize=7, title="layers", title_fontsize=7)
     return fig
 
 
-def plot_gmm_threshold(values, threshold: float, bins: int = 40):
-    """Histogram of a map's values and the GMM-midpoint threshold."""
+def gmm_means(values, seed: int = 0) -> tuple[float, float] | None:
+    """The two means of the 2-component Gaussian mixture that
+    :func:`fgbg.masks.gmm_midpoint_threshold` fits (same fit, same seed), low first; None
+    when all values are equal."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0 or x.min() == x.max():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        means = GaussianMixture(n_components=2, random_state=seed).fit(x.reshape(-1, 1)).means_.ravel()
+    return float(means.min()), float(means.max())
+
+
+def plot_gmm_threshold(values, threshold: float, bins: int = 40, seed: int = 0,
+                       xlabel: str = "attention value", ylabel: str = "latent cells"):
+    """Histogram of a map's values, the two Gaussian means of the mixture and the
+    threshold half-way between them (the means are drawn when their midpoint is the
+    threshold given, i.e. when it came from the same fit: ``seed``)."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 2.2), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(4.5, 2.4), dpi=DPI, layout="constrained")
     ax.hist(np.ravel(values), bins=bins, color="grey")
-    ax.axvline(threshold, color="red", label=f"threshold {threshold:.3g}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    means = gmm_means(values, seed)
+    if means is not None and np.isclose(sum(means) / 2, threshold, rtol=1e-6, atol=1e-12):
+        for m, name in zip(means, ("background mean", "object mean")):
+            ax.axvline(m, color="tab:blue", ls="--", lw=1)
+            ax.annotate(name, (m, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                        textcoords="offset points", ha="left", va="top", fontsize=7, color="tab:blue")
+    ax.axvline(threshold, color="red", label=f"threshold {threshold:.3g} (midpoint)")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="center right")
     return fig
 
 
@@ -104,15 +222,17 @@ def headless() -> bool:
     return os.environ.get(PROGRESS_ENV) == "0"
 
 
-def browse(items, panels_for, titles: list[str] | None = None, static_cases: int = 4):
-    """An ipywidgets slider over images; ``panels_for(item)`` returns [(title, array)].
+def browse(items, panels_for, titles: list[str] | None = None, static_cases: int = 4, shared: bool = False,
+           label: str | None = None):
+    """An ipywidgets slider over images; ``panels_for(item)`` returns [(title, array)]
+    (``shared``, ``label``: as in :func:`show_row`).
 
     In a batch run (:func:`headless`) a widget would only wait for a browser that never
     comes (a papermill kernel was seen hanging in this cell), so it returns instead a
     static matplotlib Figure: the same panels for the first ``static_cases`` items, one
     row each."""
     if headless():
-        return static_grid(items[:static_cases], panels_for)
+        return static_grid(items[:static_cases], panels_for, shared=shared, label=label)
     import ipywidgets as w
     import matplotlib.pyplot as plt
     from IPython.display import display
@@ -122,8 +242,8 @@ def browse(items, panels_for, titles: list[str] | None = None, static_cases: int
         out.clear_output(wait=True)
         with out:
             item = items[i]
-            fig = show_row(panels_for(item))
-            fig.suptitle(item.rel, fontsize=8)
+            fig = show_row(panels_for(item), shared=shared, label=label)
+            fig.suptitle(_name(item, fig.get_figwidth()), fontsize=8)
             plt.show()
 
     slider = w.IntSlider(min=0, max=max(0, len(items) - 1), description="image")
@@ -132,9 +252,13 @@ def browse(items, panels_for, titles: list[str] | None = None, static_cases: int
     return w.VBox([slider, out])
 
 
-def static_grid(items, panels_for, size: float = 2.0, cmap: str = "magma"):
-    """``panels_for(item)`` of each item, one row per item (its name in the first panel's
-    title): the static stand-in for :func:`browse`.
+def static_grid(items, panels_for, size: float = 2.0, cmap: str = "magma", shared: bool = False,
+                label: str | None = None):
+    """``panels_for(item)`` of each item, one row per item: the static stand-in for
+    :func:`browse`. The item's name runs up the left edge of its row (the end of a long
+    path, to fit the row's height); a panel title is written where it differs from the one above it, so
+    titles and names never overlap. ``shared``: every map of the grid on one colour scale,
+    with one colour bar.
 
     The figure is closed in pyplot, so a notebook shows it once, as the cell's value,
     not a second time when the inline backend flushes the open figures."""
@@ -142,16 +266,29 @@ def static_grid(items, panels_for, size: float = 2.0, cmap: str = "magma"):
     items = list(items)
     rows = [panels_for(it) for it in items]
     cols = max((len(r) for r in rows), default=1)
-    fig, axes = _fig(max(1, len(rows)) * cols, size, rows=max(1, len(rows)))
+    limits = _limits(a for r in rows for _, a in r) if shared else None
+    fig, axes = _fig(max(1, len(rows)) * cols, size, rows=max(1, len(rows)), extra_width=0.8 if limits else 0.0)
     if not rows:
         axes[0].text(0.5, 0.5, "no images", ha="center", va="center")
+    mappable = None
     for r, (item, panels) in enumerate(zip(items, rows)):
         for c, (title, a) in enumerate(panels):
-            a = np.asarray(a)
             ax = axes[r * cols + c]
-            ax.imshow(a, cmap=None if a.ndim == 3 else cmap, interpolation="nearest")
-            ax.set_title(f"{getattr(item, 'rel', item)}\n{title}" if c == 0 else title, fontsize=8)
-    fig.tight_layout()
+            im = _draw(ax, a, cmap, limits)
+            if is_map(a):
+                mappable = im
+            above = rows[r - 1][c][0] if r > 0 and c < len(rows[r - 1]) else None
+            if title != above:
+                ax.set_title(_shorten(title, size), fontsize=8)
+        first = axes[r * cols]
+        first.axis("on")
+        first.set_xticks([])
+        first.set_yticks([])
+        for spine in first.spines.values():
+            spine.set_visible(False)
+        first.set_ylabel(_name(item, size, fontsize=7), fontsize=7)
+    if limits is not None and mappable is not None:
+        _colorbar(fig, mappable, axes, label, len(rows))
     plt.close(fig)
     return fig
 
@@ -161,5 +298,74 @@ def truth_panel(item, shape) -> tuple[str, np.ndarray]:
     an empty grey panel titled so (never the image or another mask in its place)."""
     from .data import read_mask
     if item.gt_path is None:
-        return "no ground truth", np.full(tuple(shape[:2]), 0.5)
+        return "no ground truth", np.full((*tuple(shape[:2]), 3), 128, np.uint8)
     return "ground truth", read_mask(item.gt_path, tuple(shape[:2]))
+
+
+# --------------------------------------------------------------------------- lesson summaries
+def plot_steps12(metrics: dict):
+    """Notebook 02's summary: the AUC of every map of steps 1-2 on the test split, and on
+    the distractor subset whether the map of the object word prefers the object's pixels
+    over the other object's. 0.5 is chance. None when nothing was scored."""
+    import matplotlib.pyplot as plt
+    if not metrics or "step1_auc" not in metrics:
+        return None
+    dist = metrics.get("distractor") or {}
+    rows = [("attention (step 1)", metrics.get("step1_auc"), dist.get("bird_vs_distractor_auc"))]
+    if "self_attention" in metrics:
+        sa, dsa = metrics["self_attention"], dist.get("self_attention", {})
+        rows.append((f"attn + self-attn (k={sa.get('k')})", sa.get("auc"), dsa.get("bird_vs_distractor_auc")))
+    for k, b in metrics.get("baselines", {}).items():
+        rows.append((f"baseline: {k}", b.get("auc"), dist.get("baselines", {}).get(k, {}).get("bird_vs_distractor_auc")))
+    for k, c in metrics.get("controls", {}).items():
+        rows.append((f"control: {k}", c.get("auc"), dist.get("controls", {}).get(k, {}).get("bird_vs_distractor_auc")))
+    panels = [("AUC, test split", 1), ("bird > other object AUC, distractor subset", 2)]
+    panels = [(t, i) for t, i in panels if any(_number(r[i]) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.4, 0.28 * len(rows) + 0.9), dpi=DPI,
+                             sharey=True, squeeze=False, layout="constrained")
+    y = np.arange(len(rows))[::-1]
+    colours = ["tab:red" if r[0].startswith(("attention", "attn")) else
+               "tab:grey" if r[0].startswith("baseline") else "tab:blue" for r in rows]
+    for ax, (title, i) in zip(axes[0], panels):
+        v = np.array([r[i] if _number(r[i]) else np.nan for r in rows], dtype=float)
+        ax.barh(y, np.nan_to_num(v), color=colours)
+        for yy, vv in zip(y, v):
+            ax.text(0.01 if np.isnan(vv) else vv + 0.01, yy, "-" if np.isnan(vv) else f"{vv:.2f}",
+                    va="center", fontsize=7)
+        ax.axvline(0.5, color="k", lw=0.8, ls=":")
+        ax.set_xlim(0, 1.1)
+        ax.set_xlabel("dotted: chance (0.5)", fontsize=7)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(y, [r[0] for r in rows])
+    return fig
+
+
+def plot_table2(metrics: dict, rows=None):
+    """The IoU of the rows of the paper's Table 2 that this run has (``rows``: keys of
+    :data:`fgbg.evaluate.TABLE2_ROWS`, default all), beside the paper's on CUB. The summary
+    of notebooks 04-06. None when no row was scored."""
+    import matplotlib.pyplot as plt
+
+    from .evaluate import PAPER_TABLE2, TABLE2_ROWS
+    keys = [k for k in (rows or TABLE2_ROWS) if isinstance(metrics.get(k), dict) and _number(metrics[k].get("iou"))]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 0.3 * len(keys) + 0.9), dpi=DPI, layout="constrained")
+    y = np.arange(len(keys))[::-1]
+    ours = [100 * metrics[k]["iou"] for k in keys]
+    paper = [PAPER_TABLE2[k][1] if k in PAPER_TABLE2 else np.nan for k in keys]
+    ax.barh(y + 0.2, ours, 0.4, color="tab:red", label="this run")
+    ax.barh(y - 0.2, paper, 0.4, color="tab:grey", label="paper (CUB)")
+    for yy, v in zip(y, ours):
+        ax.text(v + 1, yy + 0.2, f"{v:.1f}", va="center", fontsize=7)
+    ax.set_yticks(y, [TABLE2_ROWS.get(k, k) for k in keys])
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("IoU (%), test split", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False)
+    return fig
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not (isinstance(x, float) and np.isnan(x))

@@ -80,7 +80,7 @@ prompts = [P["foreground_prompt"], "a photo of a red bird on grass", "a photo of
 pipe.set_progress_bar_config(disable=True)
 samples = {p: sample(pipe, p, 6, P["num_inference_steps"], seed=P["seed"], guidance_scale=4.0,
                      negative_prompt="a photo of") for p in prompts}
-viz.show_row([(p[11:35], im) for p, ims in samples.items() for im in ims], rows=len(prompts));
+viz.show_rows(samples);
 
 # %% [markdown]
 # ## The prompt and its tokens
@@ -169,12 +169,13 @@ untrained = course.untrained_copy(pipe, seed=P["seed"])
 maps_u = attention.compute_attention_maps(
     untrained, x[None].to(pipe.unet.dtype), P["foreground_prompt"], rev_diff_steps=P["rev_diff_steps"],
     num_inference_steps=P["num_inference_steps"], generator=torch.Generator().manual_seed(P["seed"]))
-panels = [("image", img), viz.truth_panel(item, img.shape),
-          (f"{P['object_word']!r}", data.map_back(maps.mean()[0, tok].sum(0), placement, "bilinear")),
-          ("'photo'", data.map_back(maps.mean()[0, 2], placement, "bilinear")),
-          ("untrained network", data.map_back(maps_u.mean()[0, tok].sum(0), placement, "bilinear")),
-          ("centre prior", centre_prior(*img.shape[:2])), ("border saliency", border_colour_saliency(img))]
-viz.show_row(panels);
+viz.show_row([("image", img), viz.truth_panel(item, img.shape),
+              (f"{P['object_word']!r}", data.map_back(maps.mean()[0, tok].sum(0), placement, "bilinear")),
+              ("'photo'", data.map_back(maps.mean()[0, 2], placement, "bilinear")),
+              ("untrained network", data.map_back(maps_u.mean()[0, tok].sum(0), placement, "bilinear"))],
+             shared=True, label="attention probability");
+viz.show_row([("centre prior", centre_prior(*img.shape[:2])), ("border-colour saliency", border_colour_saliency(img))],
+             shared=True, label="baseline score");
 
 # %% [markdown]
 # ## The whole dataset
@@ -247,7 +248,7 @@ def panels_for(it):
     im = data.read_image(it.image_path)
     return [("image", im), viz.truth_panel(it, im.shape), ("attention", data.map_back(m, p, "bilinear"))]
 
-viz.browse(full.items[:40], panels_for)
+viz.browse(full.items[:40], panels_for, shared=True, label="attention probability")
 
 # %% [markdown]
 # ## Exercises

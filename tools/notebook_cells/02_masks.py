@@ -53,12 +53,12 @@ vr, vc = data.valid_region(pl, amap.shape[0])
 rules = masks.STEP2_RULES[P["step2_rules"]]
 cells = amap if rules["gmm_cells"] == "all" else amap[:vr, :vc]
 t = masks.gmm_midpoint_threshold(cells, seed=P["seed"])
-viz.plot_gmm_threshold(cells, t);
+viz.plot_gmm_threshold(cells, t, seed=P["seed"]);
 raw = amap > t
 m_pre = masks.majority3x3(raw, border=rules["border"])
 img = data.read_image(item.image_path)
 viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("after 3x3 majority", m_pre),
-              viz.truth_panel(item, img.shape)]);
+              viz.truth_panel(item, img.shape)], shared=True, label="attention value");
 
 # %% [markdown]
 # ## With the model's self-attention (an option, not the paper's)
@@ -74,7 +74,8 @@ viz.show_row([("image", img), ("attention", amap), ("map > threshold", raw), ("a
 test_two = [it for it in ds if it.split == 0][:2]
 if attention.attention_path(P["out_dir"], test_two[0], attention.SELF_ATTENTION_SUBDIR).exists():
     viz.show_row([p for it in test_two for p in attention.self_attention_panels(
-        P["out_dir"], it, seed=P["seed"], **masks.STEP2_RULES[P["step2_rules"]])], rows=len(test_two));
+        P["out_dir"], it, seed=P["seed"], **masks.STEP2_RULES[P["step2_rules"]])], rows=len(test_two),
+        shared=True, label="attention probability");
 else:
     print("no self-attention run in out_dir: notebook 01 makes one when controls = True")
 
@@ -113,6 +114,13 @@ for s in skipped:
 print(course.results_table(metrics) or "no ground truth in base_dir: steps 1-2 are not scored")
 
 # %% [markdown]
+# The same, drawn: the map of *bird* against the baselines and controls (red: attention,
+# grey: baselines without a network, blue: controls).
+
+# %%
+viz.plot_steps12(metrics);
+
+# %% [markdown]
 # ## Look at the masks
 # Green: M_pre and ground truth agree; red: M_pre only; blue: ground truth only.
 
@@ -136,7 +144,7 @@ def panels_for(it):
 
 
 test_items = subsets["test"] + subsets["distractor"]
-viz.browse(test_items, panels_for)
+viz.browse(test_items, panels_for, shared=True, label="attention probability")
 
 # %% [markdown]
 # ## Exercises

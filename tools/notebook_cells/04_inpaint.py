@@ -78,10 +78,11 @@ def panels_for(it):
             viz.truth_panel(it, im.shape)]
 
 test = evaluate.split_subsets(ds)["test"]
-viz.show_row(panels_for(test[0]));
+D_LABEL = "D = mean over RGB of |x - inpainted|"
+viz.show_row(panels_for(test[0]), shared=True, label=D_LABEL);
 
 # %%
-viz.browse(test, panels_for)
+viz.browse(test, panels_for, shared=True, label=D_LABEL)
 
 # %% [markdown]
 # ## Did refinement help?
@@ -101,15 +102,18 @@ metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
 print(evaluate.table2({k: metrics[k] for k in rows if k in metrics})  # this notebook's rows only
       if ds.has_ground_truth else "no ground truth in base_dir: the masks are written, but not scored")
 
+# %%
+viz.plot_table2(metrics, list(rows));
+
 # %% [markdown]
 # ## Foreground-vs-background guidance
 # The fine-tuned model knows both concepts, so sampling can be *steered* away from the
 # background: `eps = eps_bg + s (eps_fg - eps_bg)`. With s > 1 the object stands out more.
 
 # %%
-for s in (1.0, P["fg_bg_guidance"]):
-    ims = inpaint.sample_fg_bg(tuned, P["foreground_prompt"], P["background_prompt"], s, n=4, seed=P["seed"])
-    viz.show_row([(f"s = {s}", im) for im in ims]);
+viz.show_rows({f"s = {s}": inpaint.sample_fg_bg(tuned, P["foreground_prompt"], P["background_prompt"], s, n=4,
+                                                 seed=P["seed"])
+               for s in (1.0, P["fg_bg_guidance"])});
 
 # %% [markdown]
 # ## Exercises

@@ -79,6 +79,9 @@ metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
 # %% check
 print(evaluate.table2(metrics) if ds.has_ground_truth else "no ground truth in base_dir: nothing to score")
 
+# %%
+viz.plot_table2(metrics);
+
 # %% [markdown]
 # ## The product: a mask for every image
 # The U-Net trained on M is what the method delivers: a segmenter for the object class,

@@ -121,6 +121,9 @@ else:
 # %% check
 print(evaluate.table2(metrics) if ds.has_ground_truth else "no ground truth in base_dir: nothing to score")
 
+# %%
+viz.plot_table2(metrics);
+
 # %% [markdown]
 # ## Exercises
 #
