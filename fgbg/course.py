@@ -268,10 +268,12 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
     out = Path(params["out_dir"])
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     from .runs import PROGRESS_ENV
-    before = os.environ.get(PROGRESS_ENV)
-    # The kernels inherit it: a batch run, so no progress widgets and no image-browser
-    # widgets (fgbg.viz.browse draws a static figure instead; a widget can hang papermill).
-    os.environ[PROGRESS_ENV] = "0"
+    batch_env = {PROGRESS_ENV: "0", "TQDM_DISABLE": "1"}
+    before = {k: os.environ.get(k) for k in batch_env}
+    # The kernels inherit them: a batch run, so no progress widgets (tqdm's own switch also
+    # quiets the libraries' bars) and no image-browser widgets (fgbg.viz.browse draws a
+    # static figure instead; a widget can hang papermill).
+    os.environ.update(batch_env)
     try:
         for name in notebooks:
             src = root / "notebooks" / f"{name}.ipynb"
@@ -296,10 +298,11 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
                                     f"notebook so far: {dest}") from None
             print(f"   done in {time.time() - t0:.0f} s", flush=True)
     finally:
-        if before is None:
-            os.environ.pop(PROGRESS_ENV)
-        else:
-            os.environ[PROGRESS_ENV] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     from .evaluate import current_metrics
     return current_metrics(out)[0]  # this run's rows only
 

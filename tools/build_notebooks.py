@@ -108,6 +108,7 @@ def main() -> int:
         from fgbg.runs import PROGRESS_ENV
         os.environ[OUT_DIR_ENV] = str(run_dir)
         os.environ[PROGRESS_ENV] = "0"  # no progress widgets in headless kernels (fgbg.runs.progress_bar)
+        os.environ["TQDM_DISABLE"] = "1"  # nor the libraries' own bars
         for path in paths:
             out = run_dir / "notebooks" / path.name
             out.parent.mkdir(parents=True, exist_ok=True)
