@@ -369,3 +369,49 @@ def plot_table2(metrics: dict, rows=None):
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not (isinstance(x, float) and np.isnan(x))
+
+
+def method_overview(out_dir, items, n: int = 3, size: float = 1.6):
+    """The method on ``n`` test images of a finished course run, one row each: the photo,
+    step 1's attention map, M_pre, the inpainted background, the refined mask M, the
+    U-Net's mask and the ground truth (the README's figure, made from the course's own
+    outputs)."""
+    from . import attention, data, inpaint, masks, segmenter
+    items = [it for it in items if segmenter.predicted_mask_path(out_dir, "unet_refined", it).is_file()][:n]
+
+    def panels_for(it):
+        img = data.read_image(it.image_path)
+        amap, pl = attention.load_attention(out_dir, it)
+        return [("photo", img), ("1: attention", data.map_back(amap, pl, "bilinear")),
+                ("2: M_pre", data.read_mask(masks.prelim_mask_path(out_dir, it))),
+                ("4: inpainted", data.read_image(inpaint.inpainted_path(out_dir, it))),
+                ("4: refined M", data.read_mask(inpaint.refined_mask_path(out_dir, it))),
+                ("5: U-Net on M", data.read_mask(segmenter.predicted_mask_path(out_dir, "unet_refined", it))),
+                truth_panel(it, img.shape)]
+    return static_grid(items, panels_for, size=size)
+
+
+def main(argv=None) -> int:
+    """``python -m fgbg.viz overview OUT_DIR BASE_DIR PNG``: :func:`method_overview` of a
+    finished run, saved as a PNG."""
+    import argparse
+
+    from .data import load_dataset
+    from .evaluate import split_subsets
+    p = argparse.ArgumentParser(prog="python -m fgbg.viz", description=main.__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overview", help="the method on a few test images of a finished run, as a PNG")
+    o.add_argument("out_dir")
+    o.add_argument("base_dir")
+    o.add_argument("png")
+    o.add_argument("-n", type=int, default=3)
+    a = p.parse_args(argv)
+    test = split_subsets(load_dataset(a.base_dir, splits=["test"]))["test"]
+    method_overview(a.out_dir, test, a.n).savefig(a.png, dpi=DPI, bbox_inches="tight")
+    print(f"wrote {a.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -109,12 +109,17 @@ def main() -> int:
         os.environ[OUT_DIR_ENV] = str(run_dir)
         os.environ[PROGRESS_ENV] = "0"  # no progress widgets in headless kernels (fgbg.runs.progress_bar)
         os.environ["TQDM_DISABLE"] = "1"  # nor the libraries' own bars
+        import time
+        t_all = time.time()
         for path in paths:
             out = run_dir / "notebooks" / path.name
             out.parent.mkdir(parents=True, exist_ok=True)
-            print("executing", path.name, flush=True)
+            print("executing", path.name, end=" ", flush=True)
+            t0 = time.time()
             pm.execute_notebook(str(path), str(out), cwd=str(ROOT), progress_bar=False)
+            print(f"{time.time() - t0:.0f} s", flush=True)
             keep_check_outputs(out, path)
+        print(f"all notebooks: {time.time() - t_all:.0f} s")
     return 0
 
 
