@@ -24,6 +24,23 @@ weights with decay min(0.999, (1 + step) / (10 + step)), and the saved model hol
 weights. The reference trains about one day on 2 A6000 GPUs; the mini world's default of 300
 steps takes minutes.
 
+Memory-saving options (``FinetuneConfig``; the defaults are the paper's full fine-tuning),
+the ones diffusers' own training scripts use, so that SD v1.x fits a 16 GB card such as
+Colab's T4 (estimates and measurements: docs/memory.md):
+
+* ``gradient_checkpointing``: recompute each UNet block's activations in the backward pass
+  instead of keeping them (about a third more compute, far less activation memory);
+* ``mixed_precision``: fp16/bf16 autocast over fp32 master weights (fp16 with loss scaling);
+* ``optimizer="adamw8bit"``: bitsandbytes' 8-bit AdamW (2 bytes of optimizer state per
+  parameter instead of 8; CUDA only);
+* ``lora_rank > 0``: LoRA (through peft) on the attention projections to_q/to_k/to_v/to_out.0
+  of every attention layer; only the LoRA weights train (alpha = rank), the frozen base UNet
+  stays in the pipeline's dtype under autocast. The LoRA is merged into the UNet before it is
+  saved, so the saved pipeline is a plain diffusers folder (no peft needed to load it);
+* ``ema="cpu"``: the EMA copy lives in CPU memory; ``ema="off"``: no EMA, the saved model holds
+  the raw weights; ``ema_every=N``: fold the weights into the EMA every N steps only, with the
+  product of the N per-step decays (exact when the weights did not move in between).
+
 Conventions of this implementation (choices the paper leaves open):
 
 * A box's *corner* is its top-left pixel, drawn uniformly among the background pixels; the
@@ -39,7 +56,11 @@ Conventions of this implementation (choices the paper leaves open):
   its checkpoint gives the same weights as an uninterrupted one (exactly on a CPU; on a
   GPU up to the non-determinism of its kernels).
 * The UNet is trained in float32 (master weights) whatever the pipeline's dtype, with
-  autocast in bf16/fp16 on CUDA (``mixed_precision``); at the end it is cast back.
+  autocast in bf16/fp16 on CUDA (``mixed_precision``); at the end it is cast back. With LoRA
+  only the LoRA weights are float32; the frozen base keeps the pipeline's dtype when autocast
+  is on (float32 otherwise).
+* With LoRA the EMA averages the LoRA weights A and B (not their product BA), and the saved
+  UNet is the base with the (EMA) LoRA merged in.
 """
 from __future__ import annotations
 
@@ -56,6 +77,13 @@ __all__ = ["sample_background_box", "masked_eps_loss", "FinetuneConfig", "finetu
 
 # fields that may change between a run and its resumption without changing the result
 _RESUMABLE_FIELDS = ("steps", "save_every", "gradient_checkpointing")
+# fields added after runs were recorded without them: such a run used these values
+_ADDED_FIELDS = {"optimizer": "adamw", "lora_rank": 0, "ema": "gpu", "ema_every": 1}
+OPTIMIZERS = ("adamw", "adamw8bit")
+EMA_MODES = ("gpu", "cpu", "off")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention layer's projections (diffusers' LoRA script)
+def _install(package: str) -> str:
+    return f"pip install {package} (or, in the course's folder, pip install -e '.[lowmem]')"
 
 
 # --------------------------------------------------------------------------- loss masks
@@ -149,6 +177,17 @@ class FinetuneConfig:
     ``mixed_precision``: "auto" (bf16 autocast on CUDA when supported, fp16 otherwise on
     CUDA, none on CPU), "no", "bf16" or "fp16" (CUDA only). ``min_side``/``max_side``: box
     sides in latent pixels (default: 11..32 of 64, scaled to the latent grid).
+
+    Memory (docs/memory.md): ``optimizer``: "adamw" (torch) or "adamw8bit" (bitsandbytes,
+    CUDA only). ``lora_rank``: 0 = full fine-tuning of the UNet (the paper's); r > 0 = LoRA of
+    rank r on the attention projections, only those weights train. ``ema``: "gpu" (the EMA
+    copy on the training device; on a CPU run that is the CPU), "cpu" (in CPU memory) or
+    "off" (no EMA: the raw weights are saved). ``ema_every``: update the EMA every N steps.
+
+    A run is identified by every field but ``steps``, ``save_every`` and
+    ``gradient_checkpointing``, which may change when a run is resumed; so may ``ema``
+    between "gpu" and "cpu" (where the copy lives does not change the result), not to or
+    from "off".
     """
     steps: int = 300
     batch_size: int = 8
@@ -165,9 +204,13 @@ class FinetuneConfig:
     resize_mode: str = "pad"
     min_side: int | None = None
     max_side: int | None = None
+    optimizer: str = "adamw"
+    lora_rank: int = 0
+    ema: str = "gpu"
+    ema_every: int = 1
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "save_every"):
+        for name in ("steps", "batch_size", "save_every", "ema_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"FinetuneConfig.{name}: expected a positive integer, got {v!r}")
@@ -180,6 +223,17 @@ class FinetuneConfig:
                              f"got {self.mixed_precision!r}")
         if self.resize_mode not in ("pad", "resize"):
             raise ValueError(f"FinetuneConfig.resize_mode: expected 'pad' or 'resize', got {self.resize_mode!r}")
+        if self.gradient_checkpointing not in (None, True, False):
+            raise ValueError(f"FinetuneConfig.gradient_checkpointing: expected None, True or False, "
+                             f"got {self.gradient_checkpointing!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"FinetuneConfig.optimizer: expected one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ValueError(f"FinetuneConfig.lora_rank: expected an integer >= 0 (0: full fine-tuning), "
+                             f"got {self.lora_rank!r}")
+        if self.ema not in EMA_MODES:
+            raise ValueError(f"FinetuneConfig.ema: expected one of {', '.join(EMA_MODES)}, got {self.ema!r}")
 
 
 def finetuned_dir(out_dir) -> Path:
@@ -201,9 +255,82 @@ def _autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
+def _check_options(config: FinetuneConfig, device: torch.device) -> None:
+    """Refuse, before any work, the options this device or environment cannot run: one
+    line each, naming the install command."""
+    _autocast_dtype(device, config.mixed_precision)
+    if config.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ValueError(f"FinetuneConfig.optimizer='adamw8bit' (bitsandbytes' 8-bit AdamW) needs a CUDA "
+                             f"GPU and bitsandbytes ({_install('bitsandbytes')}); the device is {device}: use "
+                             f"'adamw' there")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ImportError(f"FinetuneConfig.optimizer='adamw8bit' needs bitsandbytes, which is not installed: "
+                              f"{_install('bitsandbytes')}") from None
+    if config.lora_rank > 0:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ImportError(f"FinetuneConfig.lora_rank={config.lora_rank} (LoRA) needs peft, which is not "
+                              f"installed: {_install('peft')}") from None
+
+
+def _make_optimizer(config: FinetuneConfig, params: list, device: torch.device):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (same betas, eps and weight decay)."""
+    if config.optimizer == "adamw8bit":
+        _check_options(config, device)
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _identity(cfg: dict) -> dict:
+    """A recorded config as it identifies a run: fields added since (absent) at the value
+    runs had before them; "gpu"/"cpu" EMA are one (where the copy lives does not change the
+    result)."""
+    c = {**_ADDED_FIELDS, **cfg}
+    if c["ema"] in ("gpu", "cpu"):
+        c["ema"] = "on"
+    return c
+
+
 def _same_config(a: dict, b: dict) -> list[str]:
     """Names of the fields (other than the resumable ones) where two configs differ."""
+    a, b = _identity(a), _identity(b)
+    if "off" in (a["ema"], b["ema"]):  # without EMA, ema_every means nothing
+        a["ema_every"] = b["ema_every"] = None
     return [k for k in sorted(set(a) | set(b)) if k not in _RESUMABLE_FIELDS and a.get(k) != b.get(k)]
+
+
+def _ema_weight(first: int, last: int, decay: float) -> float:
+    """1 - the product of the per-step decays min(decay, (1 + k) / (10 + k)) for k in
+    [first, last): the weight of the current weights when the EMA is updated after step
+    ``last`` and was last updated after step ``first``. One step: 1 - its decay."""
+    prod = 1.0
+    for k in range(first, last):
+        prod *= min(decay, (1 + k) / (10 + k))
+    return 1.0 - prod
+
+
+def _add_lora(unet, rank: int) -> None:
+    """LoRA of rank ``rank`` (alpha = rank, Gaussian A, zero B: the UNet is unchanged at
+    first) on every attention projection of ``unet``; only its weights require grad, float32."""
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def _merge_lora(unet) -> None:
+    """Merge the LoRA into the base weights and remove peft's layers: a plain UNet again."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
 
 
 def _read_losses(path: Path, up_to: int | None = None) -> list[dict]:
@@ -338,6 +465,7 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
             return {"steps": config.steps, "skipped": [tuple(s) for s in done.get("skipped", [])],
                     "loss": [r["loss"] for r in _read_losses(loss_path)], "path": str(fin), "reused": True}
 
+    _check_options(config, pipe.unet.device)  # before the data: a missing package is said at once
     data, skipped = _prepare(pipe, items, out_dir, config, progress)
     if not data:
         raise ValueError(f"step 3: no usable training item in {out_dir} (need the images and their M_pre "
@@ -348,6 +476,8 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
     orig_dtype = unet.dtype
     amp = _autocast_dtype(dev, config.mixed_precision)
     use_gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else dev.type == "cuda"
+    lora = config.lora_rank > 0
+    ema_dev = torch.device("cpu") if config.ema == "cpu" else dev
     train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     abar = train_sched.alphas_cumprod.to(dev, torch.float32)
     n_t = int(train_sched.config.num_train_timesteps)
@@ -363,20 +493,26 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
     fin.mkdir(parents=True, exist_ok=True)
     log = None
     try:
-        unet.to(torch.float32).train().requires_grad_(True)
-        if use_gc:
-            unet.enable_gradient_checkpointing()
-        params = list(unet.parameters())
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        ema = [p.detach().clone() for p in params]
-        rng = np.random.default_rng(config.seed)
-        gen = torch.Generator().manual_seed(config.seed)
         with torch.random.fork_rng(devices=cuda_idx):  # the caller's global rng is restored on exit
-            torch.default_generator.manual_seed(config.seed)  # only for dropout, if the UNet has any
+            torch.default_generator.manual_seed(config.seed)  # LoRA's initial weights; dropout, if any
             for i in cuda_idx:
                 torch.cuda.default_generators[i].manual_seed(config.seed)
-            step = 0
+            if lora:  # the frozen base: the pipeline's dtype under autocast, else float32
+                unet.to(orig_dtype if amp is not None else torch.float32)
+                _add_lora(unet, config.lora_rank)
+            else:
+                unet.to(torch.float32).requires_grad_(True)
+            unet.train()
+            if use_gc:
+                unet.enable_gradient_checkpointing()
+            named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+            params = [p for _, p in named]
+            opt = _make_optimizer(config, params, dev)
+            scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+            ema = [p.detach().to(ema_dev, copy=True) for p in params] if config.ema != "off" else None
+            rng = np.random.default_rng(config.seed)
+            gen = torch.Generator().manual_seed(config.seed)
+            step = ema_step = 0  # ema_step: the last step folded into the EMA
             if ckpt_path.exists():
                 st = torch.load(ckpt_path, map_location="cpu", weights_only=True)
                 diff = _same_config(st["config"], cfg)
@@ -387,22 +523,30 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
                 if st["step"] > config.steps:
                     raise ValueError(f"{ckpt_path} is at step {st['step']}, beyond steps={config.steps}; "
                                      f"delete {fin} or choose another out_dir")
-                unet.load_state_dict(st["unet"])
+                if lora:  # the checkpoint holds the trained (LoRA) weights only
+                    with torch.no_grad():
+                        for n, p in named:
+                            p.copy_(st["unet"][n])
+                else:
+                    unet.load_state_dict(st["unet"])
                 opt.load_state_dict(st["optimizer"])
                 scaler.load_state_dict(st["scaler"])
-                ema = [e.to(dev) for e in st["ema"]]
+                if ema is not None:
+                    ema = [e.to(ema_dev) for e in st["ema"]]
                 rng.bit_generator.state = st["np_rng"]
                 gen.set_state(st["torch_rng"])
                 torch.set_rng_state(st["torch_global_rng"])
                 for i, s in zip(cuda_idx, st["cuda_rng"]):
                     torch.cuda.set_rng_state(s, i)
                 step = st["step"]
+                ema_step = st.get("ema_step", step)
             done_path.unlink(missing_ok=True)  # the folder is being rewritten
             atomic_write_text(loss_path, "".join(json.dumps(r) + "\n" for r in _read_losses(loss_path, step)))
 
             def checkpoint():
+                trained = unet.state_dict() if not lora else {n: p.detach() for n, p in named}
                 _save_checkpoint(ckpt_path, {
-                    "unet": unet.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
+                    "unet": trained, "ema": ema, "ema_step": ema_step, "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "np_rng": rng.bit_generator.state,
                     "torch_rng": gen.get_state(), "torch_global_rng": torch.get_rng_state(),
                     "cuda_rng": [torch.cuda.get_rng_state(i) for i in cuda_idx], "config": cfg, "items": rels})
@@ -432,10 +576,16 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                with torch.no_grad():
-                    d = min(config.ema_decay, (1 + step) / (10 + step))
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
                 step += 1
+                if ema is not None and step % config.ema_every == 0:
+                    with torch.no_grad():
+                        w = _ema_weight(ema_step, step, config.ema_decay)
+                        if ema_dev == dev:
+                            torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+                        else:  # one tensor at a time: no second full copy of the weights in CPU memory
+                            for e, p in zip(ema, params):
+                                e.lerp_(p.detach().to(ema_dev), w)
+                    ema_step = step
                 ps = per_sample.detach().cpu().numpy()
                 kind = "background" if is_bg.all() else "object" if not is_bg.any() else "mixed"
                 log.write(json.dumps({"step": step, "loss": loss.item(), "kind": kind,
@@ -447,14 +597,26 @@ def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, over
                 if step % config.save_every == 0 or step == config.steps:
                     checkpoint()
             bar.close()
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
+        opt.zero_grad(set_to_none=True)
+        del opt  # its state (and the gradients) before the EMA goes in and the LoRA is merged
+        if ema is not None:
+            # the saved weights: the EMA, with the steps since its last update folded in
+            # (the checkpoint keeps the EMA as it was, so that resuming gives the same result)
+            w = _ema_weight(ema_step, step, config.ema_decay)
+            with torch.no_grad():
+                for p, e in zip(params, ema):
+                    if w == 0.0:
+                        p.copy_(e)
+                    else:
+                        p.lerp_(e.to(p.device), 1.0 - w)
     finally:
         if log is not None:
             log.close()
         if use_gc:
             unet.disable_gradient_checkpointing()
+        unet.zero_grad(set_to_none=True)  # after an error too (e.g. out of memory): no gradients left
+        if lora:
+            _merge_lora(unet)
         unet.to(orig_dtype).eval().requires_grad_(False)
 
     pipe.save_pretrained(fin, safe_serialization=True)

@@ -125,8 +125,8 @@ SCHEMA: dict[str, Param] = {
                      "or 'fgbg' (GMM on the image's cells only; padding and outside the grid count as "
                      "background); see fgbg.masks.STEP2_RULES", one_of(_step2_rules)),
     # step 3: fine-tuning (concept distillation)
-    "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000; "
-                        "0: no fine-tuning)", at_least(0)),
+    "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000)",
+                        at_least(1)),
     "finetune_batch_size": _p((int,), 8, "fine-tuning batch size (reference 8)", at_least(1)),
     "finetune_lr": _p((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)", positive()),
     # step 3's memory-saving options (fgbg.finetune.FinetuneConfig; docs/memory.md): defaults = the paper's

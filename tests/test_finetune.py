@@ -2,6 +2,7 @@
 import copy
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -249,3 +250,230 @@ def test_sample_is_seeded_and_guidance_uses_the_negative_prompt(tiny_pipe):
     assert tiny_pipe.scheduler is sched
     with pytest.raises(ValueError, match="guidance_scale"):
         ft.sample(tiny_pipe, "a photo of a bird", 1, negative_prompt="a photo of a background")
+
+
+# --------------------------------------------------------------------------- memory-saving options
+def _linear_weights(unet):
+    """(name, weight) of the UNet's attention projections and of everything else."""
+    proj = {k for k in unet.state_dict() if any(f".{t}.weight" in k for t in ft.LORA_TARGETS)}
+    return proj, set(unet.state_dict()) - proj
+
+
+def test_lora_trains_only_the_projections_saves_a_plain_pipeline_and_resumes(tiny_pipe, train_items, tmp_path):
+    from safetensors.torch import load_file
+    items, out = train_items
+    cfg = ft.FinetuneConfig(steps=4, batch_size=2, save_every=2, seed=3, lora_rank=4)
+    before = _state(tiny_pipe.unet)
+    pipe = copy.deepcopy(tiny_pipe)
+    res = ft.finetune(pipe, items, out, cfg, progress=False)
+    fin = out / "finetuned"
+    # a plain UNet again (peft's layers merged away), same keys; only the projections moved
+    assert not getattr(pipe.unet, "peft_config", None)
+    after = _state(pipe.unet)
+    assert after.keys() == before.keys()
+    proj, rest = _linear_weights(pipe.unet)
+    assert proj and all(torch.equal(after[k], before[k]) for k in rest)
+    assert not _equal({k: after[k] for k in proj}, {k: before[k] for k in proj})
+    assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
+    saved = load_file(fin / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == before.keys()  # no lora_A/lora_B: load_pipeline needs no peft
+    assert _equal(_state(ft.load_finetuned(out, device="cpu").unet), after)
+    # the checkpoint holds the LoRA weights (and their EMA) only
+    st = torch.load(fin / "checkpoint.pt", weights_only=True)
+    assert st["unet"] and all(".lora_A." in k or ".lora_B." in k for k in st["unet"])
+    assert len(st["ema"]) == len(st["unet"]) < len(before)
+    assert all(e.dtype == torch.float32 for e in st["ema"])
+    # 2 steps, then resumed to 4, with gradient checkpointing switched on (it may change): same weights
+    out2 = tmp_path / "out2"
+    _copy_dir_prelims(out, out2, items)
+    ft.finetune(copy.deepcopy(tiny_pipe), items, out2, ft.FinetuneConfig(**{**cfg.__dict__, "steps": 2}),
+                progress=False)
+    resumed = copy.deepcopy(tiny_pipe)
+    r2 = ft.finetune(resumed, items, out2, ft.FinetuneConfig(**{**cfg.__dict__, "gradient_checkpointing": True}),
+                     progress=False)
+    assert r2["loss"] == res["loss"]
+    torch.testing.assert_close(_state(resumed.unet), after, rtol=0, atol=1e-6)
+    # another rank, or full fine-tuning, never resumes this run
+    for other in ({"lora_rank": 8}, {"lora_rank": 0}):
+        with pytest.raises(ValueError, match="another config.*lora_rank"):
+            ft.finetune(copy.deepcopy(tiny_pipe), items, out2, ft.FinetuneConfig(**{**cfg.__dict__, **other}),
+                        progress=False)
+
+
+def test_ema_off_cpu_and_every_n_steps(tiny_pipe, train_items, tmp_path):
+    items, out = train_items
+    base = dict(steps=4, batch_size=2, save_every=2, seed=3)
+
+    def run(name, steps=4, **kw):
+        o = tmp_path / name
+        _copy_dir_prelims(out, o, items)
+        pipe = copy.deepcopy(tiny_pipe)
+        ft.finetune(pipe, items, o, ft.FinetuneConfig(**{**base, **kw, "steps": steps}), progress=False)
+        return o, _state(pipe.unet)
+
+    _, gpu = run("gpu")
+    o, cpu = run("cpu", ema="cpu")  # on a CPU run both live in the same memory: the same weights
+    assert _equal(cpu, gpu)
+    # "off": no EMA in the checkpoint, and the raw weights are saved
+    o, off = run("off", ema="off")
+    st = torch.load(o / "finetuned" / "checkpoint.pt", weights_only=True)
+    assert st["ema"] is None and _equal(off, st["unet"]) and not _equal(off, gpu)
+    # every 3 steps: not the every-step EMA; an interrupted run (2 steps, then 4) gives the same weights
+    o, every3 = run("every3", ema="cpu", ema_every=3)
+    assert not _equal(every3, gpu) and not _equal(every3, off)
+    st = torch.load(o / "finetuned" / "checkpoint.pt", weights_only=True)
+    assert st["ema_step"] == 3  # the checkpoint keeps the EMA as of its last update
+    o2, _ = run("every3b", steps=2, ema="cpu", ema_every=3)
+    pipe = copy.deepcopy(tiny_pipe)
+    ft.finetune(pipe, items, o2, ft.FinetuneConfig(**{**base, "ema": "gpu", "ema_every": 3}), progress=False)
+    assert _equal(_state(pipe.unet), every3)  # resumed with the EMA on the other device: allowed
+    with pytest.raises(ValueError, match="another config.*ema"):
+        ft.finetune(copy.deepcopy(tiny_pipe), items, o2, ft.FinetuneConfig(**{**base, "ema": "off"}),
+                    progress=False)
+
+
+def test_ema_weight_is_the_product_of_the_per_step_decays():
+    assert ft._ema_weight(0, 1, 0.999) == pytest.approx(1 - 1 / 10)
+    assert ft._ema_weight(0, 2, 0.999) == pytest.approx(1 - (1 / 10) * (2 / 11))
+    assert ft._ema_weight(10 ** 5, 10 ** 5 + 10, 0.999) == pytest.approx(1 - 0.999 ** 10)  # capped at 0.999
+    assert ft._ema_weight(7, 7, 0.999) == 0.0
+
+
+def test_which_options_identify_a_run():
+    cfg = json.loads(json.dumps(ft.asdict(ft.FinetuneConfig())))
+    same = ft._same_config
+    for resumable in ({"gradient_checkpointing": True}, {"steps": 5}, {"ema": "cpu"}):
+        assert same(cfg, {**cfg, **resumable}) == []
+    for name, value in (("lora_rank", 4), ("optimizer", "adamw8bit"), ("ema", "off"), ("ema_every", 10),
+                        ("mixed_precision", "fp16")):
+        assert same(cfg, {**cfg, name: value}) == [name]
+    assert same({**cfg, "ema": "off", "ema_every": 1}, {**cfg, "ema": "off", "ema_every": 10}) == []
+    # a run recorded before the options existed was full fine-tuning, AdamW, EMA every step
+    old = {k: v for k, v in cfg.items() if k not in ("optimizer", "lora_rank", "ema", "ema_every")}
+    assert same(old, cfg) == [] and same(old, {**cfg, "lora_rank": 4}) == ["lora_rank"]
+
+
+def test_adamw8bit_and_lora_say_what_is_missing(tiny_pipe, train_items, monkeypatch):
+    items, out = train_items
+    cfg = ft.FinetuneConfig(steps=1, batch_size=1, optimizer="adamw8bit")
+    with pytest.raises(ValueError, match=r"adamw8bit.*needs a CUDA GPU.*pip install bitsandbytes.*device is cpu"):
+        ft.finetune(copy.deepcopy(tiny_pipe), items, out, cfg, progress=False)
+    assert not (out / "finetuned" / "loss.jsonl").exists()  # refused before any work
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match=r"needs bitsandbytes, which is not installed: pip install"):
+        ft._check_options(ft.FinetuneConfig(optimizer="adamw8bit", mixed_precision="no"), torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match=r"lora_rank=4 \(LoRA\) needs peft.*pip install peft"):
+        ft.finetune(copy.deepcopy(tiny_pipe), items, out, ft.FinetuneConfig(steps=1, batch_size=1, lora_rank=4),
+                    progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"optimizer": "sgd"}, "optimizer"), ({"lora_rank": -1}, "lora_rank"), ({"lora_rank": 2.0}, "lora_rank"),
+    ({"ema": "disk"}, "ema"), ({"ema_every": 0}, "ema_every"), ({"gradient_checkpointing": "yes"}, "gradient"),
+])
+def test_bad_memory_options_are_refused(bad, match):
+    with pytest.raises(ValueError, match=f"FinetuneConfig.{match}"):
+        ft.FinetuneConfig(**bad).check()
+
+
+FINETUNE_OPTIONS = {"finetune_gradient_checkpointing": "gradient_checkpointing",
+                    "finetune_mixed_precision": "mixed_precision", "finetune_optimizer": "optimizer",
+                    "finetune_lora_rank": "lora_rank", "finetune_ema": "ema", "finetune_ema_every": "ema_every"}
+
+
+def test_memory_options_are_course_parameters_with_allowed_values():
+    import yaml
+    from fgbg import params
+    for name, field in FINETUNE_OPTIONS.items():
+        assert params.SCHEMA[name].default == getattr(ft.FinetuneConfig(), field), name
+        assert params.SCHEMA[name].allowed is not None, name
+    for name, good in (("finetune_gradient_checkpointing", None), ("finetune_gradient_checkpointing", False),
+                       ("finetune_mixed_precision", "fp16"), ("finetune_optimizer", "adamw8bit"),
+                       ("finetune_lora_rank", 16), ("finetune_ema", "cpu"), ("finetune_ema_every", 10)):
+        assert params.check({name: good})[name] == good
+    for name, bad in (("finetune_gradient_checkpointing", 1), ("finetune_mixed_precision", "fp8"),
+                      ("finetune_optimizer", "sgd"), ("finetune_lora_rank", -1), ("finetune_ema", "disk"),
+                      ("finetune_ema_every", 0)):
+        with pytest.raises(params.ParameterError, match=f"parameter '{name}' must be"):
+            params.check({name: bad}, source="x.yaml")
+    # the notebook declares each one and passes it on to FinetuneConfig; demo.yaml spells them out
+    cell = open("tools/notebook_cells/03_finetune.py").read()
+    call = cell[cell.index("cfg = finetune.FinetuneConfig("):]
+    call = call[:call.index("\n\n")]
+    demo = yaml.safe_load(open("params/demo.yaml"))
+    for name, field in FINETUNE_OPTIONS.items():
+        assert re.search(rf"^{name} = ", cell, re.M), name
+        assert f'{field}=P["{name}"]' in call, name
+        assert demo[name] == params.SCHEMA[name].default, name
+
+
+# --------------------------------------------------------------------------- the GPU check's Python parts, on the CPU
+def _gpu_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_memory_sd14", "benchmarks/gpu_memory_sd14.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_measures_each_option_and_skips_what_cannot_run(tiny_pipe, train_items):
+    bench = _gpu_benchmark()
+    items, out = train_items
+    options = {"LoRA 4": {"lora_rank": 4}, "EMA off": {"ema": "off"}, "8-bit": {"optimizer": "adamw8bit"}}
+    pipe = copy.deepcopy(tiny_pipe)
+    res = bench.finetune_options(pipe, items, out, {"mixed_precision": "no"}, [1, 2], 4, options)
+    assert list(res) == [f"{o}, batch {b}" for o in options for b in (1, 2)]
+    for key in ("LoRA 4, batch 2", "EMA off, batch 1"):
+        assert res[key]["s_per_step"] > 0 and res[key]["peak_allocated_gib"] is None  # no GPU here
+    assert res["8-bit, batch 1"]["skipped"].startswith("needs CUDA")
+    assert not (out / "finetuned" / "checkpoint.pt").exists()  # disk writes are skipped
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_kernel_startup_caps_memory_and_reports_the_peak(tmp_path, monkeypatch):
+    bench = _gpu_benchmark()
+    path = bench.write_kernel_startup(tmp_path / "ipython")
+    assert path == tmp_path / "ipython" / "profile_default" / "startup" / "00-fgbg-gpu.py"
+    hooks = []
+    events = type("Events", (), {"register": lambda self, ev, f: hooks.append((ev, f))})()
+    shell = type("Shell", (), {"events": events})()
+    monkeypatch.setenv("FGBG_GPU_MEMORY_GIB", "14.5")
+    monkeypatch.setenv("FGBG_PEAK_FILE", str(tmp_path / "peak.json"))
+    exec(compile(path.read_text(), str(path), "exec"), {"get_ipython": lambda: shell})  # no GPU: no cap, no error
+    assert [ev for ev, _ in hooks] == ["post_run_cell"]
+    hooks[0][1](None)
+    assert json.loads((tmp_path / "peak.json").read_text()) == {
+        "device": "cpu", "peak_allocated_gib": None, "peak_reserved_gib": None, "cap_gib": 14.5}
+
+
+def test_colab_t4_params_are_sd14_in_fp16_with_options_that_fit_a_t4():
+    import yaml
+    text = open("params/colab_t4.yaml").read()
+    P = yaml.safe_load(text)
+    assert P["model"] == "CompVis/stable-diffusion-v1-4" and P["base_dir"] == "data/CUB_200_2011"
+    assert not P["make_mini_world"] and P["limit"] is not None  # a subset of CUB
+    assert P["dtype"] == "fp16" and P["finetune_mixed_precision"] == "fp16"  # a T4: no native bf16
+    # full fine-tuning with fp32 AdamW needs about 20 GiB (docs/memory.md): LoRA or 8-bit AdamW
+    assert P["finetune_lora_rank"] > 0 or P["finetune_optimizer"] == "adamw8bit"
+    for said in ("minutes", "GiB", "ESTIMATES", "tools/gpu_colab_check.sh"):
+        assert said in text, said  # the comments state the expected time and memory, and their source
+
+
+def test_lora_keeps_a_half_precision_base_under_autocast(tiny_pipe, train_items, monkeypatch):
+    items, out = train_items
+    pipe = copy.deepcopy(tiny_pipe).to(dtype=torch.bfloat16)
+    seen = {}
+    add = ft._add_lora
+
+    def spy(unet, rank):
+        seen["base"] = unet.conv_in.weight.dtype
+        add(unet, rank)
+        seen["lora"] = {p.dtype for p in unet.parameters() if p.requires_grad}
+
+    monkeypatch.setattr(ft, "_add_lora", spy)
+    ft.finetune(pipe, items, out, ft.FinetuneConfig(steps=2, batch_size=2, lora_rank=4, mixed_precision="bf16"),
+                progress=False)
+    assert seen == {"base": torch.bfloat16, "lora": {torch.float32}}  # the base is not copied to fp32
+    assert pipe.unet.dtype == torch.bfloat16
+    assert _equal(_state(ft.load_finetuned(out, device="cpu", dtype="bf16").unet), _state(pipe.unet))

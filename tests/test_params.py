@@ -54,12 +54,13 @@ def test_shipped_params_files_are_valid(capsys, monkeypatch, mini_dataset):
     # CUB's base_dir is where the user unpacks it; the hub id cannot be checked offline
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert course_main(["check", "params/cub_sd14.yaml", "-p", "base_dir", str(mini_dataset)]) == 0
+    assert course_main(["check", "params/colab_t4.yaml", "-p", "base_dir", str(mini_dataset)]) == 0
     assert course_main(["check", "params/none.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, bad", [  # the values, and a few more
-    ("seg_iterations", -1), ("seg_iterations", 0), ("steps", -3), ("finetune_steps", -5), ("finetune_lr", -1),
+    ("seg_iterations", -1), ("seg_iterations", 0), ("steps", -3), ("finetune_steps", -5), ("finetune_steps", 0), ("finetune_lr", -1),
     ("finetune_lr", float("nan")), ("dtype", "fp8"), ("device", "gpu"), ("device", "cuda:x"), ("limit", 0),
     ("seed", -1), ("fg_bg_guidance", 0), ("seg_lr", 0.0), ("seg_size", 60), ("resize_mode", "crop"),
     ("splits", ["train", "train"]), ("out_dir", " "), ("foreground_prompt", ""),
@@ -76,7 +77,7 @@ def test_every_parameter_declares_its_allowed_values_in_the_schema():
         assert params.check({name: p.default})[name] == p.default  # the defaults are allowed
     assert params.SCHEMA["overwrite"].types == (bool,) and params.SCHEMA["overwrite"].default is False
     for name, good in [("device", "cuda:1"), ("device", "cuda"), ("device", "mps"), ("dtype", "bf16"),
-                       ("finetune_steps", 0), ("steps", None), ("limit", None), ("limit", 1), ("seed", 2 ** 32 - 1),
+                       ("finetune_steps", 1), ("steps", None), ("limit", None), ("limit", 1), ("seed", 2 ** 32 - 1),
                        ("finetune_lr", 1), ("splits", ["test"])]:
         assert params.check({name: good})[name] == good  # the edges of the ranges pass
 

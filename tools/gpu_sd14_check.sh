@@ -13,7 +13,7 @@ timeout 150 python3 benchmarks/gpu_memory_sd14.py --base-dir /tmp/cubmini/CUB_20
 python3 -c "import torch; from fgbg.models import random_pipeline; random_pipeline('sd14').to(torch.float16).save_pretrained('/tmp/sd14-random')"
 t0=$(date +%s)
 timeout 270 python3 -m fgbg.course run -f params/cub_sd14.yaml -p model /tmp/sd14-random \
-    -p base_dir /tmp/cubmini/CUB_200_2011 -p out_dir /tmp/cubrun -p finetune_steps 20 -p seg_iterations 200 2>&1 | tail -30
+    -p base_dir /tmp/cubmini/CUB_200_2011 -p out_dir /tmp/cubrun -p finetune_steps 20 -p seg_iterations 200 -p dprime_size 4 2>&1 | tail -30
 echo "notebooks: $(( $(date +%s) - t0 )) s"
 tar czf "$OUTD/cub_notebooks.tgz" -C /tmp/cubrun notebooks metrics.json 2>/dev/null
 timeout 100 python3 benchmarks/bench_step1.py --model sd14 --device cuda --dtype bf16 --images 4 2>&1 | tail -5

@@ -34,6 +34,13 @@ background_prompt = "a photo of a background"
 finetune_steps = 300
 finetune_batch_size = 8
 finetune_lr = 0.0001
+# memory-saving options of step 3 (docs/memory.md); the defaults train the whole UNet, as the paper
+finetune_gradient_checkpointing = None
+finetune_mixed_precision = "auto"
+finetune_optimizer = "adamw"
+finetune_lora_rank = 0
+finetune_ema = "gpu"
+finetune_ema_every = 1
 limit = None
 resize_mode = "pad"
 seed = 0
@@ -75,7 +82,7 @@ viz.show_row([("image", img), ("M_pre (latent grid)", m_pre)] +
 
 # %%
 before = {p: finetune.sample(pipe, p, n=4, seed=P["seed"]) for p in (P["foreground_prompt"], P["background_prompt"])}
-viz.show_row([(p[:24], im) for p, ims in before.items() for im in ims], rows=2);
+viz.show_rows(before);
 
 # %% [markdown]
 # ## Fine-tune
@@ -86,7 +93,11 @@ viz.show_row([(p[:24], im) for p, ims in before.items() for im in ims], rows=2);
 cfg = finetune.FinetuneConfig(steps=P["finetune_steps"], batch_size=P["finetune_batch_size"],
                               lr=P["finetune_lr"], object_prompt=P["foreground_prompt"],
                               background_prompt=P["background_prompt"], seed=P["seed"],
-                              resize_mode=P["resize_mode"])
+                              resize_mode=P["resize_mode"],
+                              gradient_checkpointing=P["finetune_gradient_checkpointing"],
+                              mixed_precision=P["finetune_mixed_precision"], optimizer=P["finetune_optimizer"],
+                              lora_rank=P["finetune_lora_rank"], ema=P["finetune_ema"],
+                              ema_every=P["finetune_ema_every"])
 result = finetune.finetune(pipe, train, P["out_dir"], cfg, overwrite=P["overwrite"])
 for rel, why in result["skipped"]:
     print("skipped", rel, why)
@@ -113,7 +124,7 @@ print(f"fine-tuned for {result['steps']} steps on {len(train) - len(result['skip
 # %%
 tuned = finetune.load_finetuned(P["out_dir"], P["device"], P["dtype"])
 after = {p: finetune.sample(tuned, p, n=4, seed=P["seed"]) for p in (P["foreground_prompt"], P["background_prompt"])}
-viz.show_row([(p[:24], im) for p, ims in after.items() for im in ims], rows=2);
+viz.show_rows(after);
 
 # %% [markdown]
 # ## Exercises
@@ -125,7 +136,8 @@ viz.show_row([(p[:24], im) for p, ims in after.items() for im in ims], rows=2);
 # over), or set `overwrite = True` to recompute into the same folder (the old outputs are
 # replaced).
 #
-# 1. Set `finetune_steps = 0`: what does step 4 (notebook 04) make of the untuned model?
+# 1. Set `finetune_steps = 30`: how far has "a photo of a background" moved after a tenth of
+#    the training, and what does step 4 (notebook 04) make of it?
 # 2. In `fgbg/finetune.py`, change `p_background` to 1.0 (only background samples). What
 #    happens to "a photo of a bird" after fine-tuning? Why does the paper keep the object
 #    samples?
