@@ -11,6 +11,17 @@ def tiny_pipe():
     return random_pipeline("tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe):
+    """``tiny_pipe`` on one thread: the tiny UNet gains nothing from more, and the machine's
+    cores are shared."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_pipe
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def mini_dataset(tmp_path):
     """A small mini-world course dataset (2 train, 1 val, 3 test, 2 distractor)."""

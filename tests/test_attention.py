@@ -28,16 +28,6 @@ PROMPT = "a photo of a bird"
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    """conftest's session-wide random_pipeline("tiny", seed=0)."""
-    # one thread: the tiny UNet gains nothing from more, and the machine's cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_pipe
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(123)
     return torch.rand(2, 3, 64, 64, generator=g) * 2 - 1  # tiny canvas: 64 px -> 16x16 latent

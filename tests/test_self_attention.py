@@ -26,14 +26,6 @@ from fgbg.data import load_dataset
 PROMPT = "a photo of a bird"
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_pipe
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- 1. propagation, by hand
 def test_propagate_a_permutation_k_times():
     perm = [2, 0, 3, 1]  # query i attends only to key perm[i]: one cycle 0 -> 2 -> 3 -> 1 -> 0
