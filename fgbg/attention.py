@@ -639,10 +639,10 @@ def self_attention_panels(out_dir, item, subdir: str = SELF_ATTENTION_SUBDIR, se
                           **rules) -> list[tuple[str, np.ndarray]]:
     """Figure panels of one image from a step-1 run with self-attention refinement
     (``<out_dir>/<subdir>``): the image, the raw map and its M_pre, the refined map and its
-    M_pre (step 2 with ``rules``, :func:`fgbg.evaluate.prelim_mask_of`), the ground truth;
+    M_pre (step 2 with ``rules``, :func:`fgbg.masks.prelim_mask_of`), the ground truth;
     maps mapped back bilinearly to the original pixels."""
     from .data import map_back, read_image
-    from .evaluate import prelim_mask_of
+    from .masks import prelim_mask_of
     from .viz import truth_panel
     raw, pl = load_attention(out_dir, item, subdir, word="raw")
     ref = load_attention(out_dir, item, subdir)[0]

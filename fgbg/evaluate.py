@@ -25,24 +25,13 @@ from .attention import SELF_ATTENTION_SUBDIR, attention_path, load_attention
 from .baselines import border_colour_saliency, centre_prior
 from .data import DatasetError, map_back, read_image, read_mask
 from .io import atomic_write_text
-from .masks import prelim_dir, prelim_mask_path, preliminary_mask
+from .masks import prelim_dir, prelim_mask_of, prelim_mask_path, preliminary_mask
 from .metrics import Confusion, auc_roc, separation_auc
 
 
 def _mean(xs) -> float:
     xs = [x for x in xs if not np.isnan(x)]
     return float(np.mean(xs)) if xs else float("nan")
-
-
-def prelim_mask_of(amap, pl, seed: int = 0, **rules) -> np.ndarray:
-    """Step 2 for one map on the latent grid, as :func:`fgbg.masks.preliminary_masks` makes
-    it (``rules``: its keyword rules, e.g. ``gmm_cells``, ``border``), mapped back (nearest)
-    to the original pixels."""
-    from .data import valid_region
-    vr, vc = valid_region(pl, amap.shape[0])
-    valid = np.zeros(amap.shape, bool)
-    valid[:vr, :vc] = True
-    return map_back(preliminary_mask(amap, valid, seed, **rules), pl, "nearest")
 
 
 def _step2_rules_of(out_dir: Path) -> dict:
@@ -59,7 +48,7 @@ def evaluate_steps12(items, out_dir, untrained_subdir: str | None = "attention_u
 
     Where ``self_attention_subdir`` holds a step-1 map of an image (step 1 with
     ``self_attention_k`` > 0), its map is scored too, as ``"self_attention"``: AUC, IoU of
-    the M_pre made from it (:func:`prelim_mask_of`, with the rules of this run's step 2),
+    the M_pre made from it (:func:`fgbg.masks.prelim_mask_of`, with the rules of this run's step 2),
     bird>other, and its k and resolution.
 
     Returns (metrics, skipped) where skipped lists (image, reason) for images that could

@@ -246,6 +246,17 @@ def prelim_mask_path(out_dir, item):
     return prelim_dir(out_dir) / f"{item.key}.png"
 
 
+def prelim_mask_of(amap, placement, seed: int = 0, **rules) -> np.ndarray:
+    """Step 2 for one step-1 map on the latent grid, as :func:`preliminary_masks` writes it:
+    :func:`preliminary_mask` with the image's valid cells and ``rules`` (``gmm_cells``,
+    ``border``), mapped back (nearest) to the image's original pixels."""
+    from .data import map_back, valid_region
+    vr, vc = valid_region(placement, amap.shape[0])
+    valid = np.zeros(amap.shape, bool)
+    valid[:vr, :vc] = True
+    return map_back(preliminary_mask(amap, valid, seed, **rules), placement, "nearest")
+
+
 def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", seed: int = 0,
                       overwrite: bool = False, progress: bool = True, *, gmm_cells: str = "all",
                       border: str = "keep"):
@@ -262,7 +273,6 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
     from pathlib import Path
 
     from .attention import load_attention
-    from .data import valid_region, map_back
     from .io import save_png
     from .runs import for_each_item, read_run_config, step_outputs
 
@@ -275,10 +285,7 @@ def preliminary_masks(dataset, out_dir, attention_subdir: str = "attention", see
 
     def work(item):
         amap, pl = load_attention(out_dir, item, attention_subdir)
-        vr, vc = valid_region(pl, amap.shape[0])
-        valid = np.zeros(amap.shape, bool)
-        valid[:vr, :vc] = True
-        m = map_back(preliminary_mask(amap, valid, seed, gmm_cells=gmm_cells, border=border), pl, "nearest")
+        m = prelim_mask_of(amap, pl, seed, gmm_cells=gmm_cells, border=border)
         save_png(prelim_mask_path(out_dir, item), m.astype(np.uint8) * 255)
 
     config = {"step1": step1, "seed": seed, "gmm_cells": gmm_cells, "border": border}
