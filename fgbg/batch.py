@@ -15,9 +15,11 @@ accelerate behaves exactly as the notebooks do. Parameters come from a params fi
     # two CPU processes (a test of the same path)
     accelerate launch --cpu --num_processes 2 -m fgbg.batch attention -f params/quick.yaml
 
-``attention`` runs step 1 (and the untrained control when ``controls`` is on), ``inpaint``
-step 4 (needs steps 2 and 3 in the same out_dir), ``dprime`` samples D'. The steps between
-(2: masks, seconds; 3: fine-tuning) run as usual, in the notebooks or their functions.
+``attention`` runs step 1 (and the untrained control when ``controls`` is on), ``finetune``
+step 3 (data-parallel through accelerate's Accelerator: gradients averaged over the
+processes, the effective batch ``finetune_batch_size`` shared by them; needs step 2's M_pre),
+``inpaint`` step 4 (needs steps 2 and 3 in the same out_dir), ``dprime`` samples D'. Step 2
+(masks, seconds) runs as usual, in notebook 02 or ``fgbg.masks.preliminary_masks``.
 Each command prints its report, and the last line is a JSON summary (``done``, ``reused``,
 ``skipped`` counts) for scripts.
 """
@@ -59,6 +61,16 @@ def step1(P: dict, progress: bool = True) -> list:
     return reports
 
 
+def step3(P: dict, progress: bool = True) -> dict:
+    """Step 3, data-parallel over the processes (``fgbg.finetune.finetune``): M_pre from
+    steps 1-2 in the same out_dir; the effective batch stays ``finetune_batch_size``."""
+    from . import data, finetune, models
+    pipe = models.load_pipeline(P["model"], _device(P), P["dtype"])
+    train = data.load_dataset(P["base_dir"], splits=["train"], limit=P["limit"])
+    return finetune.finetune(pipe, train, P["out_dir"], finetune.FinetuneConfig.from_params(P), progress=progress,
+                             overwrite=P["overwrite"])
+
+
 def step4(P: dict, progress: bool = True) -> list:
     """Step 4 over ``P``'s dataset with the fine-tuned model of ``out_dir``."""
     from . import data, finetune, inpaint
@@ -82,7 +94,16 @@ def dprime(P: dict, progress: bool = True) -> list:
                                  progress=progress)[1]]
 
 
-STEPS = {"attention": step1, "inpaint": step4, "dprime": dprime}
+STEPS = {"attention": step1, "finetune": step3, "inpaint": step4, "dprime": dprime}
+
+
+def summary(step: str, result) -> dict:
+    """The last line a command prints: counts for scripts."""
+    if step == "finetune":
+        return {"step": step, "steps": result["steps"], "reused": result["reused"],
+                "skipped": len(result["skipped"]), "last_loss": result["loss"][-1] if result["loss"] else None}
+    return {"step": step, "done": sum(len(r.done) for r in result), "reused": sum(len(r.reused) for r in result),
+            "skipped": sum(len(r.skipped) for r in result)}
 
 
 def main(argv=None) -> int:
@@ -111,17 +132,15 @@ def main(argv=None) -> int:
                 prepare_mini_world(Path(P["base_dir"]), repo_root(Path(__file__).parent), P["seed"])
             if state is not None:
                 state.wait_for_everyone()
-        reports = STEPS[a.step](P, progress=False)
+        result = STEPS[a.step](P, progress=False)
     except (ParameterError, RunConfigError, RunLockedError, OutputError, FileNotFoundError, ModelLoadError) as e:
         print(f"error: {_first_line(e, 400)}", file=sys.stderr)
         return 2
     state = process_group()
     if state is None or state.is_main_process:
-        for r in reports:
+        for r in result if isinstance(result, list) else []:
             print(r)
-        print(json.dumps({"step": a.step, "done": sum(len(r.done) for r in reports),
-                          "reused": sum(len(r.reused) for r in reports),
-                          "skipped": sum(len(r.skipped) for r in reports)}))
+        print(json.dumps(summary(a.step, result)))
     return 0
 
 

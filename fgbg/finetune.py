@@ -21,8 +21,16 @@ elements, a background sample whose box covers few pixels contributes a small lo
 
 Training: AdamW (lr 1e-4, constant), batch 8, an exponential moving average (EMA) of the
 weights with decay min(0.999, (1 + step) / (10 + step)), and the saved model holds the EMA
-weights. The reference trains about one day on 2 A6000 GPUs; the mini world's default of 300
-steps takes minutes.
+weights. The reference trains about one day on 2 A6000 GPUs (4 samples on each: an effective
+batch of 8); the mini world's default of 300 steps takes minutes.
+
+The run reads as its steps (:func:`finetune`): prepare (latents and masks of the training
+images, :func:`_prepare`; the model, optimizer and EMA, :func:`_setup`; a checkpoint to
+resume, :func:`_resume`), then per step draw the effective batch (:func:`_draw_batch`), one
+optimizer step (:func:`_training_step`), the EMA (:func:`_update_ema`) and every
+``save_every`` steps a checkpoint (:func:`_checkpoint`); last the export (EMA weights in,
+LoRA merged, the pipeline saved). Several processes (``accelerate launch``) share each batch
+through accelerate's Accelerator: see :func:`finetune`.
 
 Memory-saving options (``FinetuneConfig``; the defaults are the paper's full fine-tuning),
 the ones diffusers' own training scripts use, so that SD v1.x fits a 16 GB card such as
@@ -68,6 +76,7 @@ import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,9 +85,9 @@ __all__ = ["sample_background_box", "masked_eps_loss", "FinetuneConfig", "finetu
            "sample", "finetuned_dir"]
 
 # fields that may change between a run and its resumption without changing the result
-_RESUMABLE_FIELDS = ("steps", "save_every", "gradient_checkpointing")
+_RESUMABLE_FIELDS = ("steps", "save_every", "gradient_checkpointing", "gradient_accumulation_steps")
 # fields added after runs were recorded without them: such a run used these values
-_ADDED_FIELDS = {"optimizer": "adamw", "lora_rank": 0, "ema": "gpu", "ema_every": 1}
+_ADDED_FIELDS = {"optimizer": "adamw", "lora_rank": 0, "ema": "gpu", "ema_every": 1, "gradient_accumulation_steps": 1}
 OPTIMIZERS = ("adamw", "adamw8bit")
 EMA_MODES = ("gpu", "cpu", "off")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention layer's projections (diffusers' LoRA script)
@@ -184,10 +193,14 @@ class FinetuneConfig:
     copy on the training device; on a CPU run that is the CPU), "cpu" (in CPU memory) or
     "off" (no EMA: the raw weights are saved). ``ema_every``: update the EMA every N steps.
 
-    A run is identified by every field but ``steps``, ``save_every`` and
-    ``gradient_checkpointing``, which may change when a run is resumed; so may ``ema``
-    between "gpu" and "cpu" (where the copy lives does not change the result), not to or
-    from "off".
+    ``batch_size`` is the effective batch: with N processes (``accelerate launch``) and
+    ``gradient_accumulation_steps`` A, each process runs batch_size / (N x A) samples per
+    forward pass (it must divide evenly), so the default keeps the paper's 8 on any setup.
+
+    A run is identified by every field but ``steps``, ``save_every``,
+    ``gradient_checkpointing`` and ``gradient_accumulation_steps``, which may change when a
+    run is resumed (as may the number of processes); so may ``ema`` between "gpu" and "cpu"
+    (where the copy lives does not change the result), not to or from "off".
     """
     steps: int = 300
     batch_size: int = 8
@@ -208,9 +221,10 @@ class FinetuneConfig:
     lora_rank: int = 0
     ema: str = "gpu"
     ema_every: int = 1
+    gradient_accumulation_steps: int = 1
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "ema_every"):
+        for name in ("steps", "batch_size", "save_every", "ema_every", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"FinetuneConfig.{name}: expected a positive integer, got {v!r}")
@@ -234,6 +248,19 @@ class FinetuneConfig:
                              f"got {self.lora_rank!r}")
         if self.ema not in EMA_MODES:
             raise ValueError(f"FinetuneConfig.ema: expected one of {', '.join(EMA_MODES)}, got {self.ema!r}")
+
+    @classmethod
+    def from_params(cls, P: dict) -> "FinetuneConfig":
+        """The config of a course parameter set (``fgbg.params``: ``finetune_*``, the prompts,
+        ``seed`` and ``resize_mode``), as the notebook and ``python -m fgbg.batch finetune``
+        use it."""
+        return cls(steps=P["finetune_steps"], batch_size=P["finetune_batch_size"], lr=P["finetune_lr"],
+                   object_prompt=P["foreground_prompt"], background_prompt=P["background_prompt"],
+                   seed=P["seed"], resize_mode=P["resize_mode"],
+                   gradient_checkpointing=P["finetune_gradient_checkpointing"],
+                   mixed_precision=P["finetune_mixed_precision"], optimizer=P["finetune_optimizer"],
+                   lora_rank=P["finetune_lora_rank"], ema=P["finetune_ema"], ema_every=P["finetune_ema_every"],
+                   gradient_accumulation_steps=P["finetune_gradient_accumulation_steps"])
 
 
 def finetuned_dir(out_dir) -> Path:
@@ -348,13 +375,16 @@ def _read_losses(path: Path, up_to: int | None = None) -> list[dict]:
     return [recs[s] for s in sorted(recs)]
 
 
+# --------------------------------------------------------------------------- the run, step by step
 def _prepare(pipe, items, out_dir, config: FinetuneConfig, progress: bool):
-    """z0, M_pre on the latent grid and the valid region of every usable item."""
+    """Prepare: z0 (the image's latent), M_pre on the latent grid and the valid region of
+    every usable item. Under ``accelerate launch`` each process encodes its shard of the
+    items and all processes then hold the whole list, in item order."""
     from .attention import encode_images
     from .data import load_item, place_mask, read_mask, valid_region
     from .masks import prelim_mask_path
     from .models import canvas_size
-    from .runs import for_each_batch
+    from .runs import for_each_batch, gather_in_order, process_group
 
     canvas, grid = canvas_size(pipe), int(pipe.unet.config.sample_size)
     data: list[tuple[str, torch.Tensor, np.ndarray, tuple[int, int]]] = []
@@ -372,9 +402,11 @@ def _prepare(pipe, items, out_dir, config: FinetuneConfig, progress: bool):
 
     report = for_each_batch("step 3 (fine-tuning data)", items, lambda it: [], load, encode, keep,
                             batch_size=config.batch_size, out_dir=out_dir, overwrite=True, progress=progress)
-    for rel, why in report.skipped:
-        print(f"step 3: skipped {rel}: {why}")
-    return data, list(report.skipped)
+    state = process_group()
+    if state is None or state.is_main_process:
+        for rel, why in report.skipped:
+            print(f"step 3: skipped {rel}: {why}")
+    return gather_in_order(data), list(report.skipped)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -407,24 +439,33 @@ def finetune(pipe, items, out_dir, config: FinetuneConfig | None = None, progres
     ``overwrite=True`` deletes ``<out_dir>/finetuned`` first and trains anew. One process at
     a time: a second one gets :class:`fgbg.runs.RunLockedError`.
 
+    Data-parallel (``accelerate launch --num_processes N``; accelerate's ``Accelerator``):
+    ``config.batch_size`` is the *effective* batch, split into
+    ``gradient_accumulation_steps`` micro-batches, each shared by the N processes, so each
+    process runs ``batch_size / (N x gradient_accumulation_steps)`` samples at a time and
+    the gradients are averaged over all of them. Every process draws the same whole batch
+    from the same seeded generators and takes its rows, so a run gives the same result
+    (up to the order of float additions) on any number of processes, and a checkpoint
+    resumes on any number. The main process alone logs, keeps the EMA and writes the
+    checkpoint and the pipeline; the others then load the saved UNet.
+
     After training, ``pipe.unet`` holds the EMA weights, in its original dtype, in eval
     mode with gradients off (also if training stops with an error, minus the EMA copy).
 
     Returns ``{"steps", "skipped": [(rel, reason)], "loss": [per-step loss], "path",
     "reused": True when done.json was found}``.
     """
-    from diffusers import DDPMScheduler
-    from .attention import encode_prompt
-    from .io import atomic_write_text
-    from .masks import prelim_dir
-    from .models import model_fingerprint
-    from .runs import step_lock
+    from .runs import prepared_by_main_process
 
     config = config or FinetuneConfig()
     config.check()
+    items = list(items)
+    cfg = _run_identity(pipe, items, out_dir, config)
     fin = finetuned_dir(out_dir)
-    with step_lock(fin):
-        return _finetune(pipe, list(items), out_dir, config, progress, overwrite)
+    with prepared_by_main_process(fin, lambda: _open_run(fin, cfg, config, overwrite)) as finished:
+        if finished is not None:
+            return finished
+        return _train(pipe, items, out_dir, config, cfg, progress)
 
 
 def _training_set_id(items) -> dict:
@@ -434,194 +475,329 @@ def _training_set_id(items) -> dict:
     return {"n": len(rels), "sha1": hashlib.sha1("\n".join(rels).encode()).hexdigest()[:12]}
 
 
-def _finetune(pipe, items, out_dir, config: FinetuneConfig, progress: bool, overwrite: bool) -> dict:
-    from diffusers import DDPMScheduler
-    from .attention import encode_prompt
-    from .io import atomic_write_text
+def _run_identity(pipe, items, out_dir, config: FinetuneConfig) -> dict:
+    """What the result depends on: the config, the base weights, the M_pre run, the images."""
     from .masks import prelim_dir
     from .models import model_fingerprint
-    from .runs import OVERWRITE_HINT, RunConfigError, clear_folder, progress_bar, read_run_config, remove_orphans
-
+    from .runs import read_run_config
     m_pre_run = read_run_config(prelim_dir(out_dir))
     if m_pre_run is None:
         raise FileNotFoundError(f"{prelim_dir(out_dir)}: no M_pre run there; run steps 1-2 first (notebooks "
                                 f"01_attention and 02_masks with the same out_dir)")
-    # what the result depends on besides the config: the base weights, the M_pre run, the images
-    cfg = json.loads(json.dumps(dict(asdict(config), base_model=model_fingerprint(pipe), m_pre_run=m_pre_run,
-                                     items=_training_set_id(items))))
-    fin = finetuned_dir(out_dir)
-    done_path, ckpt_path, loss_path = fin / "done.json", fin / "checkpoint.pt", fin / "loss.jsonl"
+    return json.loads(json.dumps(dict(asdict(config), base_model=model_fingerprint(pipe), m_pre_run=m_pre_run,
+                                      items=_training_set_id(items))))
+
+
+def _open_run(fin: Path, cfg: dict, config: FinetuneConfig, overwrite: bool) -> dict | None:
+    """The main process, holding the lock: clear the folder (``overwrite``) or its
+    leftovers, and return the result of a finished run of the same config (None: train)."""
+    from .runs import OVERWRITE_HINT, RunConfigError, clear_folder, remove_orphans
     if overwrite:
         clear_folder(fin)
     remove_orphans(fin)  # a checkpoint write cut short by a kill
+    done_path = fin / "done.json"
+    if not done_path.exists():
+        return None
+    done = json.loads(done_path.read_text())
+    if done.get("steps") != config.steps:
+        return None
+    diff = _same_config(done.get("config", {}), cfg)
+    if diff:
+        raise RunConfigError(f"{fin} holds a fine-tuning run with another config (fields {', '.join(diff)} "
+                             f"differ). {OVERWRITE_HINT}")
+    return {"steps": config.steps, "skipped": [tuple(s) for s in done.get("skipped", [])],
+            "loss": [r["loss"] for r in _read_losses(fin / "loss.jsonl")], "path": str(fin), "reused": True}
 
-    if done_path.exists():
-        done = json.loads(done_path.read_text())
-        if done.get("steps") == config.steps:
-            diff = _same_config(done.get("config", {}), cfg)
-            if diff:
-                raise RunConfigError(f"{fin} holds a fine-tuning run with another config (fields {', '.join(diff)} "
-                                     f"differ). {OVERWRITE_HINT}")
-            return {"steps": config.steps, "skipped": [tuple(s) for s in done.get("skipped", [])],
-                    "loss": [r["loss"] for r in _read_losses(loss_path)], "path": str(fin), "reused": True}
 
-    _check_options(config, pipe.unet.device)  # before the data: a missing package is said at once
+def _micro_batch(config: FinetuneConfig, processes: int) -> int:
+    """Each process's samples per forward pass: batch_size / (processes x accumulation)."""
+    parts = processes * config.gradient_accumulation_steps
+    if config.batch_size % parts:
+        raise ValueError(f"FinetuneConfig.batch_size={config.batch_size} (the effective batch) cannot be split "
+                         f"evenly into {processes} process(es) x {config.gradient_accumulation_steps} accumulation "
+                         f"step(s); choose a batch size divisible by {parts}")
+    return config.batch_size // parts
+
+
+@dataclass
+class _Training:
+    """The state of one step-3 run: the UNet and its data-parallel wrapper, the optimizer,
+    the EMA (main process only), the generators and the step counters."""
+    accelerator: Any
+    unet: Any                   # the UNet being trained (pipe.unet)
+    model: Any                  # what the forward pass calls: the UNet, or its DDP wrapper
+    named: list                 # (name, parameter) of the trained parameters
+    opt: Any
+    scaler: Any
+    ema: list | None            # the EMA of the trained parameters (None: ema="off", or not the main process)
+    ema_dev: torch.device
+    rng: np.random.Generator    # batches, background/object draws, boxes
+    gen: torch.Generator        # t and eps
+    step: int = 0
+    ema_step: int = 0           # the last step folded into the EMA
+
+    @property
+    def params(self) -> list:
+        return [p for _, p in self.named]
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _accelerator(device: torch.device):
+    """accelerate's Accelerator for this run: data-parallel under ``accelerate launch``, a
+    plain pass-through on one process. Precision and placement stay fgbg's (autocast and
+    the pipeline's device), so one process trains exactly as without accelerate."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=device.type != "cuda", device_placement=False, mixed_precision="no")
+
+
+def _setup(pipe, config: FinetuneConfig, accelerator, amp) -> _Training:
+    """Prepare the model for training: float32 master weights (or a LoRA on a frozen base),
+    gradient checkpointing, the optimizer, the EMA copy and the seeded generators."""
+    unet, dev = pipe.unet, pipe.unet.device
+    if config.lora_rank > 0:  # the frozen base: the pipeline's dtype under autocast, else float32
+        unet.to(unet.dtype if amp is not None else torch.float32)
+        _add_lora(unet, config.lora_rank)
+    else:
+        unet.to(torch.float32).requires_grad_(True)
+    unet.train()
+    if _uses_checkpointing(config, dev):
+        unet.enable_gradient_checkpointing()
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    opt = _make_optimizer(config, [p for _, p in named], dev)
+    model = accelerator.prepare_model(unet, device_placement=False)  # DDP when there are several processes
+    ema_dev = torch.device("cpu") if config.ema == "cpu" else dev
+    keep_ema = config.ema != "off" and accelerator.is_main_process
+    return _Training(accelerator=accelerator, unet=unet, model=model, named=named, opt=opt,
+                     scaler=torch.amp.GradScaler(dev.type, enabled=amp == torch.float16),
+                     ema=[p.detach().to(ema_dev, copy=True) for _, p in named] if keep_ema else None,
+                     ema_dev=ema_dev, rng=np.random.default_rng(config.seed),
+                     gen=torch.Generator().manual_seed(config.seed))
+
+
+def _uses_checkpointing(config: FinetuneConfig, dev: torch.device) -> bool:
+    return config.gradient_checkpointing if config.gradient_checkpointing is not None else dev.type == "cuda"
+
+
+def _resume(run: _Training, ckpt_path: Path, cfg: dict, rels: list, config: FinetuneConfig, cuda_idx: list) -> None:
+    """Load ``checkpoint.pt`` when there is one of this run: weights, optimizer, EMA,
+    generators and step (written by any number of processes)."""
+    from .runs import OVERWRITE_HINT, RunConfigError
+    if not ckpt_path.exists():
+        return
+    st = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    diff = _same_config(st["config"], cfg)
+    if diff or st["items"] != rels:
+        what = f"fields {', '.join(diff)} differ" if diff else "the training items differ"
+        raise RunConfigError(f"{ckpt_path} was written by a run with another config ({what}). {OVERWRITE_HINT}")
+    if st["step"] > config.steps:
+        raise ValueError(f"{ckpt_path} is at step {st['step']}, beyond steps={config.steps}; "
+                         f"delete {ckpt_path.parent} or choose another out_dir")
+    if config.lora_rank > 0:  # the checkpoint holds the trained (LoRA) weights only
+        with torch.no_grad():
+            for n, p in run.named:
+                p.copy_(st["unet"][n])
+    else:
+        run.unet.load_state_dict(st["unet"])
+    run.opt.load_state_dict(st["optimizer"])
+    run.scaler.load_state_dict(st["scaler"])
+    if run.ema is not None:
+        run.ema = [e.to(run.ema_dev) for e in st["ema"]]
+    run.rng.bit_generator.state = st["np_rng"]
+    run.gen.set_state(st["torch_rng"])
+    torch.set_rng_state(st["torch_global_rng"])
+    for i, s in zip(cuda_idx, st["cuda_rng"]):
+        torch.cuda.set_rng_state(s, i)
+    run.step = st["step"]
+    run.ema_step = st.get("ema_step", run.step)
+
+
+def _draw_batch(run: _Training, data, config: FinetuneConfig, z0_all: torch.Tensor, n_t: int, sides) -> dict:
+    """The next effective batch, the same in every process: which images, which are
+    background samples (and their loss masks), t and eps."""
+    B, grid = config.batch_size, z0_all.shape[-1]
+    idx = run.rng.integers(len(data), size=B)
+    is_bg = run.rng.random(B) < config.p_background
+    m = np.ones((B, 1, grid, grid), dtype=bool)  # object samples: every latent pixel
+    for k in np.flatnonzero(is_bg):
+        _, _, fg, valid = data[idx[k]]
+        m[k, 0] = _background_mask(fg, valid, run.rng, *sides)
+    t = torch.randint(0, n_t, (B,), generator=run.gen)
+    z0 = z0_all[torch.from_numpy(idx)]
+    eps = torch.randn(z0.shape, generator=run.gen)
+    return {"z0": z0, "eps": eps, "t": t, "mask": torch.from_numpy(m), "is_bg": is_bg}
+
+
+def _training_step(run: _Training, batch: dict, emb: torch.Tensor, abar: torch.Tensor, amp, micro: int,
+                   accumulation: int) -> torch.Tensor:
+    """One optimizer step on the effective batch: this process's rows of each of the
+    ``accumulation`` micro-batches, forward (autocast), masked eps-loss, backward (the
+    gradients are averaged over processes on the last micro-batch), step. Returns the
+    per-sample losses of the whole effective batch (gathered from every process)."""
+    acc, dev = run.accelerator, run.unet.device
+    P, r = acc.num_processes, acc.process_index
+    run.opt.zero_grad(set_to_none=True)
+    losses = []
+    for j in range(accumulation):
+        rows = slice((j * P + r) * micro, (j * P + r + 1) * micro)  # micro-batch j, process r
+        z0, eps, t = batch["z0"][rows].to(dev), batch["eps"][rows].to(dev), batch["t"][rows].to(dev)
+        a = abar[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        cond = emb[torch.from_numpy(batch["is_bg"][rows].astype(np.int64)).to(dev)]
+        sync = nullcontext() if j == accumulation - 1 else acc.no_sync(run.model)
+        with sync:
+            with torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext():
+                eps_hat = run.model(z_t, t, encoder_hidden_states=cond).sample
+            per_sample = masked_eps_loss(eps_hat.float(), eps, batch["mask"][rows].to(dev), reduction="none")
+            loss = per_sample.mean() if accumulation == 1 else per_sample.mean() / accumulation
+            run.scaler.scale(loss).backward()
+        losses.append(acc.gather(per_sample.detach()))  # rows of micro-batch j, in process order
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.step += 1
+    return torch.cat(losses)
+
+
+def _update_ema(run: _Training, config: FinetuneConfig) -> None:
+    """Fold the weights into the EMA (every ``ema_every`` steps, main process)."""
+    if run.ema is None or run.step % config.ema_every:
+        return
+    with torch.no_grad():
+        w = _ema_weight(run.ema_step, run.step, config.ema_decay)
+        if run.ema_dev == run.unet.device:
+            torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], w)
+        else:  # one tensor at a time: no second full copy of the weights in CPU memory
+            for e, p in zip(run.ema, run.params):
+                e.lerp_(p.detach().to(run.ema_dev), w)
+    run.ema_step = run.step
+
+
+def _checkpoint(run: _Training, path: Path, cfg: dict, rels: list, cuda_idx: list, lora: bool) -> None:
+    """Write ``checkpoint.pt`` (main process; the others wait for it)."""
+    if run.main:
+        trained = run.unet.state_dict() if not lora else {n: p.detach() for n, p in run.named}
+        _save_checkpoint(path, {
+            "unet": trained, "ema": run.ema, "ema_step": run.ema_step, "optimizer": run.opt.state_dict(),
+            "scaler": run.scaler.state_dict(), "step": run.step, "np_rng": run.rng.bit_generator.state,
+            "torch_rng": run.gen.get_state(), "torch_global_rng": torch.get_rng_state(),
+            "cuda_rng": [torch.cuda.get_rng_state(i) for i in cuda_idx], "config": cfg, "items": rels})
+    run.accelerator.wait_for_everyone()
+
+
+def _log_step(log, run: _Training, per_sample: torch.Tensor, is_bg: np.ndarray) -> float:
+    """One line of loss.jsonl: the batch loss and the mean loss of each kind of sample."""
+    ps = per_sample.cpu().numpy()
+    loss = float(per_sample.mean())
+    kind = "background" if is_bg.all() else "object" if not is_bg.any() else "mixed"
+    log.write(json.dumps({"step": run.step, "loss": loss, "kind": kind,
+                          "object": float(ps[~is_bg].mean()) if (~is_bg).any() else None,
+                          "background": float(ps[is_bg].mean()) if is_bg.any() else None}) + "\n")
+    log.flush()
+    return loss
+
+
+def _fold_in_ema(run: _Training, config: FinetuneConfig) -> None:
+    """Export, first half: the trained parameters become the EMA, with the steps since its
+    last update folded in (the checkpoint keeps the EMA as it was, so that resuming gives
+    the same result)."""
+    if run.ema is None:
+        return
+    w = _ema_weight(run.ema_step, run.step, config.ema_decay)
+    with torch.no_grad():
+        for p, e in zip(run.params, run.ema):
+            if w == 0.0:
+                p.copy_(e)
+            else:
+                p.lerp_(e.to(p.device), 1.0 - w)
+
+
+def _train(pipe, items, out_dir, config: FinetuneConfig, cfg: dict, progress: bool) -> dict:
+    """Prepare, train step by step with checkpoints, export (EMA, merged LoRA, pipeline)."""
+    from diffusers import DDPMScheduler
+    from .attention import encode_prompt
+    from .io import atomic_write_text
+    from .masks import prelim_dir
+    from .runs import progress_bar
+
+    unet, dev = pipe.unet, pipe.unet.device
+    _check_options(config, dev)  # before the data: a missing package is said at once
+    accelerator = _accelerator(dev)
+    micro = _micro_batch(config, accelerator.num_processes)
     data, skipped = _prepare(pipe, items, out_dir, config, progress)
     if not data:
         raise ValueError(f"step 3: no usable training item in {out_dir} (need the images and their M_pre "
                          f"under {prelim_dir(out_dir)}; {len(skipped)} skipped)")
     rels = [d[0] for d in data]
+    fin = finetuned_dir(out_dir)
+    done_path, ckpt_path, loss_path = fin / "done.json", fin / "checkpoint.pt", fin / "loss.jsonl"
 
-    unet, dev = pipe.unet, pipe.unet.device
     orig_dtype = unet.dtype
     amp = _autocast_dtype(dev, config.mixed_precision)
-    use_gc = config.gradient_checkpointing if config.gradient_checkpointing is not None else dev.type == "cuda"
     lora = config.lora_rank > 0
-    ema_dev = torch.device("cpu") if config.ema == "cpu" else dev
     train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     abar = train_sched.alphas_cumprod.to(dev, torch.float32)
     n_t = int(train_sched.config.num_train_timesteps)
-    grid = int(unet.config.sample_size)
-    lo, hi = _default_sides(grid)
-    lo = lo if config.min_side is None else config.min_side
-    hi = hi if config.max_side is None else config.max_side
+    lo, hi = _default_sides(int(unet.config.sample_size))
+    sides = (lo if config.min_side is None else config.min_side, hi if config.max_side is None else config.max_side)
     emb = torch.cat([encode_prompt(pipe, config.object_prompt), encode_prompt(pipe, config.background_prompt)])
     emb = emb.to(dev, torch.float32)  # row 0: object prompt, row 1: background prompt
-
     z0_all = torch.stack([d[1] for d in data])
     cuda_idx = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    fin.mkdir(parents=True, exist_ok=True)
-    log = None
+    main = accelerator.is_main_process
+    if main:
+        fin.mkdir(parents=True, exist_ok=True)
+    log = run = None
     try:
         with torch.random.fork_rng(devices=cuda_idx):  # the caller's global rng is restored on exit
             torch.default_generator.manual_seed(config.seed)  # LoRA's initial weights; dropout, if any
             for i in cuda_idx:
                 torch.cuda.default_generators[i].manual_seed(config.seed)
-            if lora:  # the frozen base: the pipeline's dtype under autocast, else float32
-                unet.to(orig_dtype if amp is not None else torch.float32)
-                _add_lora(unet, config.lora_rank)
-            else:
-                unet.to(torch.float32).requires_grad_(True)
-            unet.train()
-            if use_gc:
-                unet.enable_gradient_checkpointing()
-            named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-            params = [p for _, p in named]
-            opt = _make_optimizer(config, params, dev)
-            scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-            ema = [p.detach().to(ema_dev, copy=True) for p in params] if config.ema != "off" else None
-            rng = np.random.default_rng(config.seed)
-            gen = torch.Generator().manual_seed(config.seed)
-            step = ema_step = 0  # ema_step: the last step folded into the EMA
-            if ckpt_path.exists():
-                st = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-                diff = _same_config(st["config"], cfg)
-                if diff or st["items"] != rels:
-                    what = f"fields {', '.join(diff)} differ" if diff else "the training items differ"
-                    raise RunConfigError(f"{ckpt_path} was written by a run with another config ({what}). "
-                                         f"{OVERWRITE_HINT}")
-                if st["step"] > config.steps:
-                    raise ValueError(f"{ckpt_path} is at step {st['step']}, beyond steps={config.steps}; "
-                                     f"delete {fin} or choose another out_dir")
-                if lora:  # the checkpoint holds the trained (LoRA) weights only
-                    with torch.no_grad():
-                        for n, p in named:
-                            p.copy_(st["unet"][n])
-                else:
-                    unet.load_state_dict(st["unet"])
-                opt.load_state_dict(st["optimizer"])
-                scaler.load_state_dict(st["scaler"])
-                if ema is not None:
-                    ema = [e.to(ema_dev) for e in st["ema"]]
-                rng.bit_generator.state = st["np_rng"]
-                gen.set_state(st["torch_rng"])
-                torch.set_rng_state(st["torch_global_rng"])
-                for i, s in zip(cuda_idx, st["cuda_rng"]):
-                    torch.cuda.set_rng_state(s, i)
-                step = st["step"]
-                ema_step = st.get("ema_step", step)
-            done_path.unlink(missing_ok=True)  # the folder is being rewritten
-            atomic_write_text(loss_path, "".join(json.dumps(r) + "\n" for r in _read_losses(loss_path, step)))
-
-            def checkpoint():
-                trained = unet.state_dict() if not lora else {n: p.detach() for n, p in named}
-                _save_checkpoint(ckpt_path, {
-                    "unet": trained, "ema": ema, "ema_step": ema_step, "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "np_rng": rng.bit_generator.state,
-                    "torch_rng": gen.get_state(), "torch_global_rng": torch.get_rng_state(),
-                    "cuda_rng": [torch.cuda.get_rng_state(i) for i in cuda_idx], "config": cfg, "items": rels})
-
-            log = open(loss_path, "a")
-            bar = progress_bar(total=config.steps, initial=step, desc="step 3 (fine-tune)", disable=not progress)
-            B = config.batch_size
-            while step < config.steps:
-                idx = rng.integers(len(data), size=B)
-                is_bg = rng.random(B) < config.p_background
-                m = np.ones((B, 1, grid, grid), dtype=bool)  # object samples: every latent pixel
-                for k in np.flatnonzero(is_bg):
-                    _, _, fg, valid = data[idx[k]]
-                    m[k, 0] = _background_mask(fg, valid, rng, lo, hi)
-                t = torch.randint(0, n_t, (B,), generator=gen)
-                z0 = z0_all[torch.from_numpy(idx)]
-                eps = torch.randn(z0.shape, generator=gen)
-                z0, eps, t = z0.to(dev), eps.to(dev), t.to(dev)
-                a = abar[t].view(-1, 1, 1, 1)
-                z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-                cond = emb[torch.from_numpy(is_bg.astype(np.int64)).to(dev)]
-                with torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext():
-                    eps_hat = unet(z_t, t, encoder_hidden_states=cond).sample
-                per_sample = masked_eps_loss(eps_hat.float(), eps, torch.from_numpy(m).to(dev), reduction="none")
-                loss = per_sample.mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                if ema is not None and step % config.ema_every == 0:
-                    with torch.no_grad():
-                        w = _ema_weight(ema_step, step, config.ema_decay)
-                        if ema_dev == dev:
-                            torch._foreach_lerp_(ema, [p.detach() for p in params], w)
-                        else:  # one tensor at a time: no second full copy of the weights in CPU memory
-                            for e, p in zip(ema, params):
-                                e.lerp_(p.detach().to(ema_dev), w)
-                    ema_step = step
-                ps = per_sample.detach().cpu().numpy()
-                kind = "background" if is_bg.all() else "object" if not is_bg.any() else "mixed"
-                log.write(json.dumps({"step": step, "loss": loss.item(), "kind": kind,
-                                      "object": float(ps[~is_bg].mean()) if (~is_bg).any() else None,
-                                      "background": float(ps[is_bg].mean()) if is_bg.any() else None}) + "\n")
-                log.flush()
+            run = _setup(pipe, config, accelerator, amp)
+            _resume(run, ckpt_path, cfg, rels, config, cuda_idx)
+            if main:
+                done_path.unlink(missing_ok=True)  # the folder is being rewritten
+                atomic_write_text(loss_path, "".join(json.dumps(r) + "\n" for r in _read_losses(loss_path, run.step)))
+                log = open(loss_path, "a")
+            bar = progress_bar(total=config.steps, initial=run.step, desc="step 3 (fine-tune)",
+                               disable=not (progress and main))
+            while run.step < config.steps:
+                batch = _draw_batch(run, data, config, z0_all, n_t, sides)
+                per_sample = _training_step(run, batch, emb, abar, amp, micro, config.gradient_accumulation_steps)
+                _update_ema(run, config)
+                if main:
+                    bar.set_postfix(loss=f"{_log_step(log, run, per_sample, batch['is_bg']):.4f}")
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % config.save_every == 0 or step == config.steps:
-                    checkpoint()
+                if run.step % config.save_every == 0 or run.step == config.steps:
+                    _checkpoint(run, ckpt_path, cfg, rels, cuda_idx, lora)
             bar.close()
-        opt.zero_grad(set_to_none=True)
-        del opt  # its state (and the gradients) before the EMA goes in and the LoRA is merged
-        if ema is not None:
-            # the saved weights: the EMA, with the steps since its last update folded in
-            # (the checkpoint keeps the EMA as it was, so that resuming gives the same result)
-            w = _ema_weight(ema_step, step, config.ema_decay)
-            with torch.no_grad():
-                for p, e in zip(params, ema):
-                    if w == 0.0:
-                        p.copy_(e)
-                    else:
-                        p.lerp_(e.to(p.device), 1.0 - w)
+        run.opt.zero_grad(set_to_none=True)
+        run.opt = None  # its state (and the gradients) go before the EMA goes in and the LoRA is merged
+        _fold_in_ema(run, config)
     finally:
         if log is not None:
             log.close()
-        if use_gc:
+        if _uses_checkpointing(config, dev):
             unet.disable_gradient_checkpointing()
         unet.zero_grad(set_to_none=True)  # after an error too (e.g. out of memory): no gradients left
         if lora:
             _merge_lora(unet)
         unet.to(orig_dtype).eval().requires_grad_(False)
+        if run is not None:
+            run.model = run.opt = None
+        accelerator.free_memory()  # drops its references to the DDP wrapper
 
-    pipe.save_pretrained(fin, safe_serialization=True)
-    atomic_write_text(done_path, json.dumps({"steps": config.steps, "config": cfg, "items": len(rels),
-                                             "skipped": [list(s) for s in skipped]}, indent=1))
+    if main:  # export: the pipeline with the EMA UNet, then done.json, written last
+        pipe.save_pretrained(fin, safe_serialization=True)
+        atomic_write_text(done_path, json.dumps({"steps": config.steps, "config": cfg, "items": len(rels),
+                                                 "processes": accelerator.num_processes,
+                                                 "skipped": [list(s) for s in skipped]}, indent=1))
+    accelerator.wait_for_everyone()
+    if not main:  # the other processes hold the raw weights: take the exported (EMA) UNet
+        saved = type(unet).from_pretrained(fin, subfolder="unet", use_safetensors=True, torch_dtype=orig_dtype)
+        unet.load_state_dict(saved.state_dict())
+        del saved
     return {"steps": config.steps, "skipped": skipped, "loss": [r["loss"] for r in _read_losses(loss_path)],
             "path": str(fin), "reused": False}
 

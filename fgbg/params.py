@@ -127,7 +127,11 @@ SCHEMA: dict[str, Param] = {
     # step 3: fine-tuning (concept distillation)
     "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000)",
                         at_least(1)),
-    "finetune_batch_size": _p((int,), 8, "fine-tuning batch size (reference 8)", at_least(1)),
+    "finetune_batch_size": _p((int,), 8, "fine-tuning batch size, effective: over all processes and accumulation "
+                              "steps (reference 8: 4 on each of 2 GPUs)", at_least(1)),
+    "finetune_gradient_accumulation_steps": _p((int,), 1, "micro-batches per optimizer step; each process runs "
+                                               "finetune_batch_size / (processes x this) samples at a time",
+                                               at_least(1)),
     "finetune_lr": _p((float, int), 1e-4, "AdamW learning rate, constant (reference 1e-4)", positive()),
     # step 3's memory-saving options (fgbg.finetune.FinetuneConfig; docs/memory.md): defaults = the paper's
     "finetune_gradient_checkpointing": _p((bool, NULL), None, "recompute activations in the backward pass "

@@ -249,6 +249,43 @@ def shard(items: list, state=None) -> list:
 
 
 @contextlib.contextmanager
+def prepared_by_main_process(folder: str | Path, prepare: Callable[[], Any]):
+    """Lock a step's ``folder`` for the whole run and call ``prepare()`` once; every process
+    gets what it returned.
+
+    One process: lock, ``prepare()``, yield its result. Under ``accelerate launch`` the main
+    process alone locks and prepares, and tells the others its result or its error (they
+    raise the same kind of error, "told by the main process"); on leaving, the frame waits
+    for every process before the lock is released."""
+    state = process_group()
+    if state is None:
+        with step_lock(folder):
+            yield prepare()
+        return
+    from accelerate.utils import broadcast_object_list
+    with contextlib.ExitStack() as stack:
+        error: BaseException | None = None
+        result = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(step_lock(folder))
+                result = prepare()
+            except Exception as e:  # noqa: BLE001 - told to every process, raised by all
+                error = e
+        told = ("ok", result) if error is None else ("error", type(error).__name__, str(error))
+        message = broadcast_object_list([told])[0]
+        if error is not None:
+            raise error
+        if message[0] == "error":
+            kind = {"RunConfigError": RunConfigError, "RunLockedError": RunLockedError,
+                    "OutputError": OutputError, "ValueError": ValueError,
+                    "FileNotFoundError": FileNotFoundError}.get(message[1], RuntimeError)
+            raise kind(f"{message[2]} (told by the main process)")
+        yield message[1]
+        state.wait_for_everyone()
+
+
+@contextlib.contextmanager
 def step_outputs(folder: str | Path, config: dict, overwrite: bool = False, also: tuple[str | Path, ...] = (),
                  out_dir: str | Path | None = None):
     """The frame of every dataset step: lock the step's folders, refuse or clear outputs of
@@ -256,11 +293,8 @@ def step_outputs(folder: str | Path, config: dict, overwrite: bool = False, also
     turn an output folder that cannot be written into one clear :class:`OutputError`.
 
     Under ``accelerate launch`` the main process does all of that, holding the lock for the
-    whole run, and tells the others whether to go on (they raise the same error if not);
-    each process then writes its own shard (:func:`for_each_item`), and the frame waits for
-    all of them before the lock is released."""
-    state = process_group()
-
+    whole run (:func:`prepared_by_main_process`); each process then writes its own shard
+    (:func:`for_each_item`), and the frame waits for all of them before the lock is released."""
     def prepare():
         try:
             check_run_config(folder, config, overwrite=overwrite, also=also)
@@ -269,29 +303,18 @@ def step_outputs(folder: str | Path, config: dict, overwrite: bool = False, also
         for f in (folder, *also):
             remove_orphans(f)
 
-    if state is None:
-        with step_lock(folder):
-            prepare()
-            yield
-        return
-    from accelerate.utils import broadcast_object_list
-    with contextlib.ExitStack() as stack:
-        error: BaseException | None = None
-        if state.is_main_process:
-            try:
-                stack.enter_context(step_lock(folder))
-                prepare()
-            except Exception as e:  # noqa: BLE001 - told to every process, raised by all
-                error = e
-        message = broadcast_object_list([None if error is None else (type(error).__name__, str(error))])[0]
-        if error is not None:
-            raise error
-        if message is not None:
-            kind = {"RunConfigError": RunConfigError, "RunLockedError": RunLockedError,
-                    "OutputError": OutputError}.get(message[0], RuntimeError)
-            raise kind(f"{message[1]} (told by the main process)")
+    with prepared_by_main_process(folder, prepare):
         yield
-        state.wait_for_everyone()
+
+
+def gather_in_order(items: list) -> list:
+    """Every process's ``items``, concatenated in process order (the list itself on one
+    process): the inverse of :func:`shard` for lists of picklable objects."""
+    state = process_group()
+    if state is None:
+        return list(items)
+    from accelerate.utils import gather_object
+    return list(gather_object(list(items)))
 
 
 def is_complete(path: Path) -> bool:
@@ -372,8 +395,7 @@ def _merged(report: StepReport, state) -> StepReport:
     """The reports of all processes as one (in process order); the report itself alone."""
     if state is None:
         return report
-    from accelerate.utils import gather_object
-    parts = gather_object([report])
+    parts = gather_in_order([report])
     out = StepReport(report.step)
     for r in parts:
         out.done += r.done

@@ -1,6 +1,7 @@
-"""Steps 1 and 4 on several processes with accelerate's PartialState (two CPU processes,
-gloo, started by torchrun): the same outputs as one process, and a run with a killed
-process finishes every image exactly once when rerun.
+"""Steps 1 and 4 on several processes with accelerate's PartialState, and step 3 data-parallel
+with its Accelerator (two CPU processes, gloo, started by torchrun): the same outputs as one
+process, a run with a killed process finishes every image exactly once when rerun, and a
+fine-tuning checkpoint resumes on two processes or on one.
 
 One thread per process everywhere (OMP_NUM_THREADS=1), so that the one-process and
 two-process runs add their floats in the same order and the outputs are bit-identical.
@@ -86,8 +87,8 @@ def world(tmp_path_factory):
     return root, base, model
 
 
-def _one_process(step, model, base, out):
-    P = check({"model": str(model), "base_dir": str(base), "out_dir": str(out), **SETTINGS})
+def _one_process(step, model, base, out, **extra):
+    P = check({"model": str(model), "base_dir": str(base), "out_dir": str(out), **SETTINGS, **extra})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -144,3 +145,64 @@ def test_two_process_step4_equals_one_process(world):
     assert proc.returncode == 0, log[-3000:]
     assert _summary(log)["done"] == N_TRAIN + N_TEST
     assert _same_outputs(root / "one", root / "two", ["inpaint", "diff", "masks/refined", "masks/crop"]) > 0
+
+
+FINETUNE = {"finetune_batch_size": 4, "finetune_lr": 1e-3}
+
+
+def _finetune_two(model, base, out, steps: int, root: Path) -> dict:
+    args = [*_params(model, base, out), "-p", "finetune_steps", str(steps)]
+    for k, v in FINETUNE.items():
+        args += ["-p", k, json.dumps(v)]
+    proc = _launch(["finetune", *args], cwd=root)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    return _summary(log)
+
+
+def _losses(out: Path) -> np.ndarray:
+    return np.array([json.loads(line)["loss"] for line in (out / "finetuned" / "loss.jsonl").read_text().splitlines()])
+
+
+def test_two_process_finetune_equals_one_process_and_resumes_on_two_or_one(world):
+    """Step 3 on two processes shares each effective batch of 4 (2 samples each, gradients
+    averaged): the same losses and weights as one process, up to the order of float
+    additions; its checkpoint resumes on two processes and on one."""
+    from conftest import declare_m_pre_run
+    from fgbg.data import read_mask
+    from fgbg.finetune import load_finetuned
+    from fgbg.io import save_png
+    root, base, model = world
+    outs = {name: root / f"ft_{name}" for name in ("one", "two", "two_then_one")}
+    for out in outs.values():  # M_pre = the ground truth: step 3's input without running steps 1-2
+        for it in load_dataset(base, splits=["train"]):
+            save_png(masks.prelim_mask_path(out, it), read_mask(it.gt_path).astype(np.uint8) * 255)
+        declare_m_pre_run(out)
+
+    one = _one_process(batch.step3, model, base, outs["one"], finetune_steps=4, **FINETUNE)
+    assert one["steps"] == 4 and len(one["loss"]) == 4
+
+    assert _finetune_two(model, base, outs["two"], 2, root)["steps"] == 2
+    first = json.loads((outs["two"] / "finetuned" / "done.json").read_text())
+    assert first["processes"] == 2 and first["items"] == N_TRAIN
+    resumed = _finetune_two(model, base, outs["two"], 4, root)  # resumes at step 2 on two processes
+    assert resumed["steps"] == 4 and not resumed["reused"]
+    assert _finetune_two(model, base, outs["two"], 4, root)["reused"]  # finished: nothing trained
+
+    _finetune_two(model, base, outs["two_then_one"], 2, root)
+    _one_process(batch.step3, model, base, outs["two_then_one"], finetune_steps=4, **FINETUNE)  # ... resumed on one
+
+    def flat(out):
+        return torch.cat([p.detach().flatten() for _, p in sorted(load_finetuned(out, device="cpu").unet.named_parameters())])
+
+    from fgbg.models import load_pipeline
+    ref, untrained = flat(outs["one"]), torch.cat([p.detach().flatten() for _, p in sorted(
+        load_pipeline(str(model), "cpu").unet.named_parameters())])
+    moved = (ref - untrained).abs().mean().item()
+    assert moved > 1e-4  # training changed the weights: the comparisons below mean something
+    for name in ("two", "two_then_one"):
+        np.testing.assert_allclose(_losses(outs[name]), _losses(outs["one"]), rtol=1e-4)
+        # the mean change, not the largest: Adam turns the rounding noise of a gradient near 0
+        # into a full lr-sized step, so a few of the million weights differ by up to 3e-4
+        diff = (flat(outs[name]) - ref).abs().mean().item()
+        assert diff < moved / 1000, (name, diff, moved)
