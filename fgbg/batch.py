@@ -28,15 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .params import ParameterError
 
 
 def _device(P: dict):
-    """Each process's device: accelerate's for this process when ``device`` is auto."""
+    """Each process's device: accelerate's for this process (its own GPU) when ``device``
+    is "auto" or "cuda"."""
     from .runs import process_group
     state = process_group()
-    if P["device"] == "auto" and state is not None:
+    if P["device"] in ("auto", "cuda") and state is not None:
         return str(state.device)
     return P["device"]
 
@@ -106,6 +108,60 @@ def summary(step: str, result) -> dict:
             "skipped": sum(len(r.skipped) for r in result)}
 
 
+def launch_command(step: str, params_file: str | Path, processes: int, port: int | None = None) -> list[str]:
+    """The command that runs ``step`` on ``processes`` processes: ``accelerate launch
+    --multi_gpu`` (one process per GPU; without CUDA, CPU processes talking over gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if port is not None:
+        cmd += ["--main_process_port", str(port)]
+    return cmd + ["-m", "fgbg.batch", step, "-f", str(params_file)]
+
+
+def launch(step: str, P: dict, processes: int | None = None, echo: bool = True) -> dict:
+    """Hand ``step`` to ``processes`` processes (default ``P["processes"]``) from a notebook:
+    the notebook's parameters are written to ``<out_dir>/launch/<step>.yaml`` and
+    :func:`launch_command` runs ``python -m fgbg.batch <step>`` with them, from the
+    repository root. Each process writes its shard as always; the output is echoed as it
+    comes. Returns the step's JSON summary (its last line); raises RuntimeError with the
+    processes' last lines when they fail. The notebook then calls the same step in its own
+    process, which finds every output done and only reports (or loads) them."""
+    import os
+    import socket
+    import subprocess
+
+    import yaml
+
+    from .course import repo_root
+    from .params import SCHEMA
+    n = int(P["processes"] if processes is None else processes)
+    folder = Path(P["out_dir"]) / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    params_file = folder / f"{step}.yaml"
+    params_file.write_text(yaml.safe_dump({k: P[k] for k in SCHEMA if k in P}, sort_keys=False))
+    with socket.socket() as sock:  # a free port on this machine for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "FGBG_PROGRESS": "0", "TQDM_DISABLE": "1"}
+    if "OMP_NUM_THREADS" not in os.environ:  # CPU processes share the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    proc = subprocess.Popen(launch_command(step, params_file, n, port), cwd=repo_root(Path(__file__).parent),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if echo:
+            print(line, end="", flush=True)
+    proc.wait()
+    summaries = [ln for ln in lines if ln.startswith('{"step"')]
+    if proc.returncode != 0 or not summaries:
+        said = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]  # fgbg.batch's one-line errors
+        why = said[0] if said else "\n" + "\n".join(lines[-15:])
+        raise RuntimeError(f"step {step} on {n} processes failed (exit {proc.returncode}): {why}\n"
+                           f"(command: {' '.join(launch_command(step, params_file, n))})")
+    return json.loads(summaries[-1])
+
+
 def main(argv=None) -> int:
     from .course import _first_line, precheck, repo_root
     from .params import gather
@@ -124,8 +180,6 @@ def main(argv=None) -> int:
         given, P, origins = gather(a.params, overrides)
         P.update(precheck(given, P, origins, source=str(a.params or "command line")))
         if P["make_mini_world"]:
-            from pathlib import Path
-
             from .course import prepare_mini_world
             state = process_group()
             if state is None or state.is_main_process:

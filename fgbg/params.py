@@ -124,6 +124,9 @@ SCHEMA: dict[str, Param] = {
                      "canvas padding included; the 3x3 majority leaves the grid's border cells as thresholded) "
                      "or 'fgbg' (GMM on the image's cells only; padding and outside the grid count as "
                      "background); see fgbg.masks.STEP2_RULES", one_of(_step2_rules)),
+    "processes": _p((int,), 1, "processes for steps 1, 3, 4 and D' (one per GPU): more than 1 hands the step from "
+                    "the notebook to `accelerate launch --multi_gpu --num_processes N -m fgbg.batch STEP` "
+                    "(fgbg.batch.launch); on a machine without CUDA, N CPU processes", at_least(1)),
     # step 3: fine-tuning (concept distillation)
     "finetune_steps": _p((int,), 300, "UNet fine-tuning steps (the reference: about a day on 2 A6000)",
                         at_least(1)),

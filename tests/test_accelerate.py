@@ -128,6 +128,23 @@ def test_a_killed_two_process_step1_finishes_every_image_once_and_equals_one_pro
     assert _same_outputs(out1, out2, ["attention"]) == N_TRAIN + N_TEST
 
 
+def test_a_notebook_hands_step1_to_two_processes(world):
+    """fgbg.batch.launch, the notebooks' way to N processes: the notebook's parameters go to a
+    params file and `accelerate launch --multi_gpu` runs the step; the same outputs as one
+    process. A failure raises with the processes' own error line."""
+    root, base, model = world
+    if not (root / "one" / "attention").is_dir():
+        pytest.skip("needs the one-process step-1 outputs of the test above")
+    out = root / "launched"
+    P = check({"model": str(model), "base_dir": str(base), "out_dir": str(out), **SETTINGS, "processes": 2})
+    summary = batch.launch("attention", P, echo=False)
+    assert summary == {"step": "attention", "done": N_TRAIN + N_TEST, "reused": 0, "skipped": 0}
+    assert (out / "launch" / "attention.yaml").is_file()
+    assert _same_outputs(root / "one", out, ["attention"]) == N_TRAIN + N_TEST
+    with pytest.raises(RuntimeError, match="model"):
+        batch.launch("attention", {**P, "model": str(root / "no-such-model")}, echo=False)
+
+
 def test_two_process_step4_equals_one_process(world):
     root, base, model = world
     for name in ("one", "two"):
