@@ -1,6 +1,8 @@
 # fgbg: two commands for everything (see README.md).
 #   make demo   set up, then run the course's notebooks on the mini world (runs/demo/)
 #   make test   set up, then the unit tests and nbval on the notebooks
+# For who edits the lessons: `make notebooks` (after editing notebooks/py/*.py or the notebooks),
+# `make lessons` (the rendered lessons as a static site, docs/lessons/html/).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,10 +12,10 @@ TORCH  ?= torch==2.13.0
 PARAMS ?= params/demo.yaml
 STAMP  := $(VENV)/.fgbg-installed
 
-.PHONY: setup demo test test-fast test-bf16 notebooks teaching-model bench clean help
+.PHONY: setup demo test test-fast test-bf16 notebooks lessons teaching-model bench clean help
 
 help:
-	@sed -n '2,4p' Makefile
+	@sed -n '2,6p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +37,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 	rm -rf runs/nbval
 	FGBG_PROGRESS=0 TQDM_DISABLE=1 FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout 900 \
-		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/
+		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/0*.ipynb
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
@@ -44,9 +46,19 @@ test-fast: setup
 test-bf16: setup
 	FGBG_TEST_CPU_BF16=1 $(BIN)/python -m pytest -q tests/test_cub_params_course.py
 
-# Rebuild notebooks/*.ipynb from tools/notebook_cells/ and refresh their checked outputs.
+# Each lesson is a jupytext pair: notebooks/NAME.ipynb and notebooks/py/NAME.py (notebooks/jupytext.toml;
+# the solutions: notebooks/solutions/). This syncs each pair (the file edited last gives its cells to
+# the other), runs every notebook headless (runs/build/), keeps only the outputs of the check cells in
+# notebooks/ (nbval compares them) and writes the executed lessons to docs/lessons/*.ipynb (under
+# 500 KB each). About 8 minutes on a 2-core CPU.
 notebooks: setup
-	$(BIN)/python tools/build_notebooks.py --execute
+	$(BIN)/python tools/notebooks.py refresh
+
+# The rendered lessons as a static site, docs/lessons/html/index.html (nbconvert; git-ignored), from
+# the executed lessons in docs/lessons/; runs `make notebooks` first where those ran other code.
+lessons: setup
+	@$(BIN)/python -c "import nbconvert" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[docs]"
+	$(BIN)/python tools/notebooks.py lessons
 
 # Retrain the teaching model from scratch (see docs/teaching_model.md for times).
 teaching-model: setup
@@ -58,4 +70,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_gpu.py --cpu --json runs/bench/cpu.json
 
 clean:
-	rm -rf runs/nbval runs/build .pytest_cache
+	rm -rf runs/nbval runs/build docs/lessons/html .pytest_cache

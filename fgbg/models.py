@@ -129,7 +129,12 @@ def load_pipeline(model: str = "teaching", device: str | None = None, dtype: str
     kw = dict(**dtype_kwarg(dt), safety_checker=None, requires_safety_checker=False,
               use_safetensors=None if allow_pickle else True)
     from .runs import PROGRESS_ENV
-    if os.environ.get(PROGRESS_ENV) == "0":  # a batch run: no bar would ever be watched
+    # A batch run, where no bar would ever be watched: fgbg's switch, or tqdm's own TQDM_DISABLE.
+    # tqdm honours TQDM_DISABLE in a terminal but not in a Jupyter kernel: tqdm.notebook passes
+    # disable=False explicitly (tqdm 4.70), and the libraries' "Loading pipeline components..."
+    # would stay in the executed notebook as widgets stuck at 0%. So fgbg applies it for them.
+    if (os.environ.get(PROGRESS_ENV) == "0"
+            or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")):
         library_progress_bars_off()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kw)

@@ -115,7 +115,9 @@ def library_progress_bars_off() -> None:
     "Loading pipeline components...", "Loading weights", "Writing model shards", the
     hub's downloads. For batch runs, where each bar would stay in the executed notebook as
     a widget stuck at 0%. (tqdm's own switch, ``TQDM_DISABLE=1`` in the environment a
-    process starts with, turns them off too.)"""
+    process starts with, turns them off too in a terminal, but not in a Jupyter kernel, where
+    tqdm.notebook passes ``disable=False`` itself: :func:`fgbg.models.load_pipeline` calls
+    this for either switch.)"""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
     diffusers_logging.disable_progress_bar()

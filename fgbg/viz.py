@@ -224,32 +224,63 @@ def headless() -> bool:
 
 def browse(items, panels_for, titles: list[str] | None = None, static_cases: int = 4, shared: bool = False,
            label: str | None = None):
-    """An ipywidgets slider over images; ``panels_for(item)`` returns [(title, array)]
-    (``shared``, ``label``: as in :func:`show_row`).
+    """An image browser: a slider over ``items`` and, beneath it, the figure of the chosen
+    one; ``panels_for(item)`` returns [(title, array)] (``shared``, ``label``: as in
+    :func:`show_row`).
 
     In a batch run (:func:`headless`) a widget would only wait for a browser that never
     comes (a papermill kernel was seen hanging in this cell), so it returns instead a
     static matplotlib Figure: the same panels for the first ``static_cases`` items, one
-    row each."""
+    row each. Interactively it returns an :class:`ImageBrowser`, whose figure is an
+    ordinary output of the cell, so that it stays in the saved notebook."""
     if headless():
         return static_grid(items[:static_cases], panels_for, shared=shared, label=label)
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-    out = w.Output()
+    return ImageBrowser(items, panels_for, shared=shared, label=label)
 
-    def show(i):
-        out.clear_output(wait=True)
-        with out:
-            item = items[i]
-            fig = show_row(panels_for(item), shared=shared, label=label)
-            fig.suptitle(_name(item, fig.get_figwidth()), fontsize=8)
-            plt.show()
 
-    slider = w.IntSlider(min=0, max=max(0, len(items) - 1), description="image")
-    slider.observe(lambda ch: show(ch["new"]), names="value")
-    show(0)
-    return w.VBox([slider, out])
+class ImageBrowser:
+    """The interactive :func:`browse`: an ipywidgets slider, and beneath it the chosen
+    image's figure as a plain image output that the slider replaces (``update_display``).
+
+    Why not the figure inside an ``ipywidgets.Output``: what an Output widget shows lives
+    only in the widget's state, which JupyterLab does not save by default. A notebook
+    reopened without its kernel, exported to HTML or shown on GitHub then had no figure at
+    all, only the widget's text (``VBox(children=(IntSlider...``). Here the figure of the
+    image last shown is an ordinary PNG output and stays; the slider itself needs a kernel
+    (without one it shows a line saying so, or JupyterLab's "model not found")."""
+
+    def __init__(self, items, panels_for, shared: bool = False, label: str | None = None):
+        import ipywidgets as w
+        self.items, self.panels_for, self.shared, self.label = list(items), panels_for, shared, label
+        self.slider = w.IntSlider(min=0, max=max(0, len(self.items) - 1), description="image",
+                                  continuous_update=False)  # one figure when let go, not one per step
+        self.handle = None
+        self.slider.observe(lambda change: self.show(change["new"]), names="value")
+
+    def figure(self, i: int):
+        """The figure of ``items[i]``: its panels, titled "i+1/n  name"."""
+        import matplotlib.pyplot as plt
+        item = self.items[i]
+        fig = show_row(self.panels_for(item), shared=self.shared, label=self.label)
+        prefix = f"{i + 1}/{len(self.items)}  "
+        fig.suptitle(prefix + _name(item, fig.get_figwidth() - len(prefix) * 8 * 0.6 / 72), fontsize=8)
+        plt.close(fig)  # shown once, through the display handle, not again by the inline backend
+        return fig
+
+    def show(self, i: int) -> None:
+        if self.handle is not None:
+            self.handle.update(self.figure(i))
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        bundle = self.slider._repr_mimebundle_()
+        bundle["text/plain"] = (f"[image browser: a slider over {len(self.items)} images; it moves where a kernel "
+                                f"runs this notebook. Below: the image last shown]")
+        display(bundle, raw=True)
+        if self.items:
+            self.handle = display(self.figure(self.slider.value), display_id=True)
+        else:
+            print("no images")
 
 
 def static_grid(items, panels_for, size: float = 2.0, cmap: str = "magma", shared: bool = False,

@@ -36,12 +36,16 @@ def test_badges_and_set_up_cells_use_the_one_repository_url():
     assert _colab_link(NOTEBOOKS[0]) in readme
     from fgbg.course import NOTEBOOKS as NAMES
     assert [nb.stem for nb in NOTEBOOKS] == list(NAMES)
+    template = (ROOT / "tools" / "colab_cell.py").read_text()
     for nb_path in NOTEBOOKS:
         nb = nbformat.read(nb_path, as_version=4)
         first_md = next(c for c in nb.cells if c.cell_type == "markdown")
         assert _colab_link(nb_path) in first_md.source, nb_path.name
         setup = nb.cells[[c.cell_type for c in nb.cells].index("code")]
         assert "google.colab" in setup.source and f'"{url}"' in setup.source, nb_path.name
+        # written literally in each lesson (notebooks/py/*.py and its notebook), the same everywhere:
+        # tools/colab_cell.py with pyproject's URL (tools/set_repository_url.py changes them all)
+        assert setup.source.strip() == template.replace("{repository}", url).strip(), nb_path.name
         # the set-up cell is the first code cell, before the parameters cell
         params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
         assert params and nb.cells.index(setup) < params[0]

@@ -1,5 +1,6 @@
 """Step 3 (concept distillation): background boxes, the masked loss, fine-tuning and resume."""
 import copy
+from dataclasses import asdict
 import json
 import re
 import sys
@@ -379,7 +380,9 @@ def test_bad_memory_options_are_refused(bad, match):
 
 FINETUNE_OPTIONS = {"finetune_gradient_checkpointing": "gradient_checkpointing",
                     "finetune_mixed_precision": "mixed_precision", "finetune_optimizer": "optimizer",
-                    "finetune_lora_rank": "lora_rank", "finetune_ema": "ema", "finetune_ema_every": "ema_every"}
+                    "finetune_lora_rank": "lora_rank", "finetune_ema": "ema", "finetune_ema_every": "ema_every",
+                    "finetune_gradient_accumulation_steps": "gradient_accumulation_steps"}
+NOTEBOOK_03 = "notebooks/py/03_finetune.py"  # the notebook's paired source
 
 
 def test_memory_options_are_course_parameters_with_allowed_values():
@@ -397,14 +400,21 @@ def test_memory_options_are_course_parameters_with_allowed_values():
                       ("finetune_ema_every", 0)):
         with pytest.raises(params.ParameterError, match=f"parameter '{name}' must be"):
             params.check({name: bad}, source="x.yaml")
-    # the notebook declares each one and passes it on to FinetuneConfig; demo.yaml spells them out
-    cell = open("tools/notebook_cells/03_finetune.py").read()
-    call = cell[cell.index("cfg = finetune.FinetuneConfig("):]
-    call = call[:call.index("\n\n")]
-    demo = yaml.safe_load(open("params/demo.yaml"))
+    # FinetuneConfig.from_params passes each one on (a value other than the default arrives);
+    # the notebook declares each one; demo.yaml spells them out
+    P = {name: s.default for name, s in params.SCHEMA.items()}
+    for name, good in (("finetune_gradient_checkpointing", True), ("finetune_mixed_precision", "bf16"),
+                       ("finetune_optimizer", "adamw8bit"), ("finetune_lora_rank", 4), ("finetune_ema", "off"),
+                       ("finetune_ema_every", 3), ("finetune_gradient_accumulation_steps", 2),
+                       ("finetune_steps", 7), ("finetune_batch_size", 6), ("finetune_lr", 0.5), ("seed", 11)):
+        assert asdict(ft.FinetuneConfig.from_params({**P, name: good})) != asdict(ft.FinetuneConfig.from_params(P)), name
     for name, field in FINETUNE_OPTIONS.items():
+        assert getattr(ft.FinetuneConfig.from_params({**P, name: "x"}), field) == "x", name
+    cell = open(NOTEBOOK_03).read()
+    assert "finetune.FinetuneConfig.from_params(P)" in cell
+    demo = yaml.safe_load(open("params/demo.yaml"))
+    for name in FINETUNE_OPTIONS:
         assert re.search(rf"^{name} = ", cell, re.M), name
-        assert f'{field}=P["{name}"]' in call, name
         assert demo[name] == params.SCHEMA[name].default, name
 
 

@@ -59,8 +59,37 @@ def test_browse_is_a_static_figure_in_a_batch_run(monkeypatch):
     assert isinstance(viz.browse(_items(1), _panels, static_cases=3), Figure)
     assert isinstance(viz.browse([], _panels), Figure)
     monkeypatch.delenv(PROGRESS_ENV)  # interactively: the slider
+
+
+def test_browse_leaves_its_figure_as_a_plain_output(monkeypatch):
+    """Interactively: a slider, and beneath it the chosen image's figure as an ordinary
+    image output that the slider replaces, so that a notebook reopened without a kernel (or
+    exported, or on GitHub) still shows a figure, not the widget's text."""
     import ipywidgets
-    assert isinstance(viz.browse(_items(3), _panels), ipywidgets.VBox)
+    from IPython.core.interactiveshell import InteractiveShell
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    b = viz.browse(_items(3), _panels)
+    assert isinstance(b, viz.ImageBrowser) and isinstance(b.slider, ipywidgets.IntSlider)
+    assert b.slider.max == 2 and not b.slider.continuous_update
+    shown, updated = [], []
+
+    class Handle:
+        def update(self, obj):
+            updated.append(obj)
+
+    def fake_display(obj, raw=False, display_id=None):
+        shown.append((obj, raw, display_id))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    InteractiveShell.instance()  # the figure's PNG formatter
+    b._ipython_display_()
+    (bundle, raw, _), (fig, _, did) = shown
+    assert raw and "application/vnd.jupyter.widget-view+json" in bundle
+    assert "kernel" in bundle["text/plain"] and "VBox" not in bundle["text/plain"]
+    assert isinstance(fig, Figure) and did and fig._suptitle.get_text().startswith("1/3  img0.png")
+    b.slider.value = 2  # moving the slider replaces the figure
+    assert len(updated) == 1 and updated[0]._suptitle.get_text().startswith("3/3  img2.png")
 
 
 def test_a_batch_run_has_no_progress_bars(monkeypatch):
@@ -162,3 +191,24 @@ def test_lesson_summaries():
 def test_truth_panel_without_ground_truth_is_grey_not_a_map(tmp_path):
     title, a = viz.truth_panel(SimpleNamespace(gt_path=None), (5, 7, 3))
     assert title == "no ground truth" and a.shape == (5, 7, 3) and not viz.is_map(a)
+
+
+def test_tqdm_disable_alone_turns_the_libraries_bars_off(monkeypatch):
+    """In a Jupyter kernel tqdm.notebook ignores TQDM_DISABLE (it passes disable=False
+    itself), so diffusers' "Loading pipeline components..." stayed in batch-run notebooks as
+    a widget at 0%; load_pipeline turns the libraries' bars off for tqdm's switch too."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from fgbg import models
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+    try:
+        models.load_pipeline("teaching", "cpu")
+        assert not diffusers_logging.is_progress_bar_enabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()

@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/02_masks.ipynb)
+#
 # # 2 · From attention to a preliminary mask M_pre
 #
 # Notebook 01 gave every image a soft map: how strongly each latent pixel attends to
@@ -15,9 +31,28 @@
 # back to the original pixels. The paper reports AUC-ROC 97.1 for the raw maps on CUB and
 # IoU 29.0 for M_pre: coarse, but a start that steps 3-5 refine.
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 base_dir = "data/miniworld"
 make_mini_world = True
 out_dir = "runs/demo"
@@ -110,7 +145,8 @@ metrics, skipped = evaluate.evaluate_and_record_steps12(ds, P["out_dir"], seed=P
 for s in skipped:
     print("skipped", *s)
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 print(course.results_table(metrics) or "no ground truth in base_dir: steps 1-2 are not scored")
 
 # %% [markdown]
@@ -119,6 +155,7 @@ print(course.results_table(metrics) or "no ground truth in base_dir: steps 1-2 a
 
 # %%
 viz.plot_steps12(metrics);
+
 
 # %% [markdown]
 # ## Look at the masks
@@ -158,3 +195,6 @@ viz.browse(test_items, panels_for, shared=True, label="attention probability")
 #    whether attention does better there.
 # 4. On the distractor subset, look at images where the map of *bird* also lights up the
 #    other object. What would have to change in the generator for it to tell them apart?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.

@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/04_inpaint.ipynb)
+#
 # # 4 · Paint the bird away: inpainting and refined masks M
 #
 # With a generator that knows "a photo of a background", we can **remove** the object:
@@ -20,9 +36,28 @@
 # The paper's simpler baseline, **M_crop**, fills M_pre's box with mirrored background
 # from beside it instead of inpainting.
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 base_dir = "data/miniworld"
 make_mini_world = True
 out_dir = "runs/demo"
@@ -32,6 +67,7 @@ splits = ["train", "test"]
 limit = None
 num_inference_steps = 50
 inpaint_batch_size = 16
+processes = 1   # > 1: step 4 on N processes, one per GPU (accelerate launch)
 m_pre_upsampling = "bilinear"
 close_and_fill = False
 fg_bg_guidance = 3.0
@@ -44,7 +80,7 @@ overwrite = False
 # %%
 import numpy as np
 
-from fgbg import course, data, evaluate, finetune, inpaint, masks, segmenter, viz
+from fgbg import batch, course, data, evaluate, finetune, inpaint, masks, segmenter, viz
 
 P = course.setup(globals())
 tuned = finetune.load_finetuned(P["out_dir"], P["device"], P["dtype"])
@@ -58,11 +94,14 @@ print(ds.summary())
 # image, D, the refined mask M and the baseline M_crop.
 
 # %%
+if P["processes"] > 1:  # N processes do the work (fgbg.batch.launch); the call below then finds it done
+    batch.launch("inpaint", P)
 report = inpaint.inpaint_and_refine(
     tuned, ds, P["out_dir"], prompt=P["background_prompt"], num_inference_steps=P["num_inference_steps"],
     batch_size=P["inpaint_batch_size"], seed=P["seed"], resize_mode=P["resize_mode"],
     m_pre_upsampling=P["m_pre_upsampling"], close_and_fill=P["close_and_fill"], overwrite=P["overwrite"])
 print(report)
+
 
 # %% [markdown]
 # ## Look
@@ -84,6 +123,7 @@ viz.show_row(panels_for(test[0]), shared=True, label=D_LABEL);
 # %%
 viz.browse(test, panels_for, shared=True, label=D_LABEL)
 
+
 # %% [markdown]
 # ## Did refinement help?
 # Pooled over the test split: M_pre (step 2), the baseline M_crop, and the refined M.
@@ -98,7 +138,8 @@ rows = {"prelim": segmenter.evaluate_masks(read(masks.prelim_mask_path), test),
 metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
                                      sources=[masks.prelim_dir(P["out_dir"]), inpaint.inpaint_dir(P["out_dir"])])
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 print(evaluate.table2({k: metrics[k] for k in rows if k in metrics})  # this notebook's rows only
       if ds.has_ground_truth else "no ground truth in base_dir: the masks are written, but not scored")
 
@@ -130,3 +171,6 @@ viz.show_rows({f"s = {s}": inpaint.sample_fg_bg(tuned, P["foreground_prompt"], P
 # 3. Set `m_pre_upsampling = "nearest"`: now M is always a subset of M_pre. How much IoU
 #    did the reference's half-cell rim buy? Find a test image where the bird sticks out of
 #    M_pre by more than that: what would it take to recover that part?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.

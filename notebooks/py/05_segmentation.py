@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/05_segmentation.ipynb)
+#
 # # 5 · A segmentation network trained on distilled masks
 #
 # The refined masks M are good but not perfect, and computing them needs the generator at
@@ -10,9 +26,28 @@
 # The paper's numbers on CUB-200-2011 (IoU): M_pre 29.0 -> refined M 63.6 -> U-Net on M 75.1.
 # Here the same table for this run.
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 base_dir = "data/miniworld"
 make_mini_world = True
 out_dir = "runs/demo"
@@ -42,6 +77,7 @@ print(f"train on {len(train)} images, test on {len(test)}")
 def read(path_fn):
     return evaluate.saved_masks(path_fn, P["out_dir"])
 
+
 # %% [markdown]
 # ## Train on M (and, for comparison, on M_pre)
 # Random crops and flips, Adam, BCE. The same recipe for both targets, so the difference
@@ -65,6 +101,7 @@ for name, l in losses.items():
     ax.plot(np.convolve(l, np.ones(25) / 25, mode="valid"), label=name)
 ax.set_xlabel("iteration"); ax.set_ylabel("BCE"); ax.legend(fontsize=7); fig.tight_layout()
 
+
 # %% [markdown]
 # ## Table 2 of the paper, for this run
 
@@ -76,7 +113,8 @@ rows = {name: segmenter.evaluate_masks(predicted(net), test) for name, net in ne
 metrics = evaluate.record_table2_rows(P["out_dir"], rows, items=ds,
                                      sources=[masks.prelim_dir(P["out_dir"]), inpaint.inpaint_dir(P["out_dir"])])
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 print(evaluate.table2(metrics) if ds.has_ground_truth else "no ground truth in base_dir: nothing to score")
 
 # %%
@@ -92,6 +130,7 @@ viz.plot_table2(metrics);
 # %%
 every = data.load_dataset(P["base_dir"], splits=list(data.SPLITS), limit=P["limit"])
 print(segmenter.save_predicted_masks(nets["unet_refined"], every, P["out_dir"], "unet_refined", size=P["seg_size"]))
+
 
 # %% [markdown]
 # ## Look at the predictions
@@ -113,3 +152,6 @@ viz.browse(test, panels_for)
 #    `out_dir` works, but its rows in `metrics.json` are replaced: note the table first.)
 # 3. Per-image IoU: which test images does the U-Net get wrong? Are they the ones where M
 #    was wrong?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.

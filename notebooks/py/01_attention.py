@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/01_attention.ipynb)
+#
 # # 1 · Where does the model look when it reads "bird"?
 #
 # A text-to-image diffusion model such as Stable Diffusion turns the prompt
@@ -27,9 +43,28 @@
 # encoder, UNet, VAE and noise schedule, much smaller). The same cells run SD v1.4 on
 # CUB-200-2011 with `params/cub_sd14.yaml`.
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 model = "teaching"
 base_dir = "data/miniworld"
 make_mini_world = True
@@ -46,6 +81,7 @@ limit = None
 resize_mode = "pad"
 controls = True
 unet_batch = 40
+processes = 1   # > 1: step 1 on N processes, one per GPU (accelerate launch)
 self_attention_k = 0   # > 0: refine the maps with the UNet's self-attention, A_self^k (not in the reference)
 self_attention_resolution = None
 seed = 0
@@ -57,7 +93,7 @@ overwrite = False
 import matplotlib.pyplot as plt
 import torch
 
-from fgbg import attention, course, data, models, viz
+from fgbg import attention, batch, course, data, models, viz
 
 P = course.setup(globals())  # checks every parameter, resolves paths, seeds, writes the mini world if needed
 pipe = models.load_pipeline(P["model"], P["device"], P["dtype"])
@@ -141,8 +177,10 @@ viz.show_by_level(maps, tok[0]);
 
 # %% [markdown]
 # ### Per token
-# Not every word attends to the object. `<|startoftext|>` soaks up most of the attention
-# everywhere (a "sink"); *photo* has no place in the picture.
+# Not every word attends to the object; *photo* has no place in the picture. In Stable
+# Diffusion `<|startoftext|>` soaks up most of the attention everywhere (a "sink"); the
+# teaching model, whose text encoder has no transformer layers, gives it little: compare its
+# bars with those of *bird* in the chart.
 
 # %%
 viz.show_by_token(maps, [0, 1, 2, 4, *tok]);
@@ -189,6 +227,8 @@ viz.show_row([("centre prior", centre_prior(*img.shape[:2])), ("border-colour sa
 # %%
 full = data.load_dataset(P["base_dir"], splits=P["splits"], limit=P["limit"])
 print(full.summary())
+if P["processes"] > 1:  # N processes do the work (fgbg.batch.launch); the call below then finds it done
+    batch.launch("attention", P)
 report = attention.save_attention_maps(
     pipe, full, P["out_dir"], prompt=P["foreground_prompt"], object_word=P["object_word"],
     extractor=P["extractor"], steps=P["steps"], rev_diff_steps=P["rev_diff_steps"],
@@ -233,10 +273,12 @@ if P["controls"]:
         self_attention_k=P["self_attention_k"] or attention.SELF_ATTENTION_COURSE_K,
         self_attention_resolution=P["self_attention_resolution"], overwrite=P["overwrite"]))
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 amap, pl = attention.load_attention(P["out_dir"], full.items[0])
 print(f"images: {len(full)} in splits {P['splits']}, skipped: {len(report.skipped) + len(full.skipped)}")
 print(f"map on the latent grid: {amap.shape}, image {pl.height}x{pl.width}, sum over tokens is a probability")
+
 
 # %% [markdown]
 # ## Explore
@@ -268,3 +310,6 @@ viz.browse(full.items[:40], panels_for, shared=True, label="attention probabilit
 #    too ("a photo of a red bird"): what does the colour word attend to?
 # 4. Look at `fgbg/attention.py`: `CrossAttentionCapture` is diffusers' classic attention
 #    processor plus one line. Which line?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.

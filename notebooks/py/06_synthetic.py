@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/06_synthetic.ipynb)
+#
 # # 6 · D': training data the generator draws itself
 #
 # After step 3 the generator knows two concepts of this dataset: *"a photo of a bird"* and
@@ -20,9 +36,28 @@
 # Needs notebooks 01-04 to have run with the same `out_dir` (and 05 for the other rows of
 # the table).
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 model = "teaching"
 base_dir = "data/miniworld"
 make_mini_world = True
@@ -34,6 +69,7 @@ fg_bg_guidance = 3.0
 dprime_size = 32
 unet_batch = 40
 inpaint_batch_size = 16
+processes = 1   # > 1: D' sampled on N processes, one per GPU (accelerate launch)
 limit = None
 seg_size = 64
 seg_width = 8
@@ -47,8 +83,9 @@ overwrite = False
 
 # %%
 import numpy as np
+from IPython.display import display
 
-from fgbg import course, data, evaluate, finetune, inpaint, masks, models, segmenter, synthetic, viz
+from fgbg import batch, course, data, evaluate, finetune, inpaint, masks, models, segmenter, synthetic, viz
 
 P = course.setup(globals())
 ds = data.load_dataset(P["base_dir"], splits=["train", "test"], limit=P["limit"])
@@ -64,6 +101,8 @@ print(ds.summary())
 
 # %%
 if P["dprime_size"] > 0:
+    if P["processes"] > 1:  # N processes do the work (fgbg.batch.launch); the call below then finds it done
+        batch.launch("dprime", P)
     tuned = finetune.load_finetuned(P["out_dir"], P["device"], P["dtype"])
     dprime, report = synthetic.synthesize(
         tuned, P["out_dir"], P["dprime_size"], fg_prompt=P["foreground_prompt"], bg_prompt=P["background_prompt"],
@@ -93,7 +132,7 @@ if P["dprime_size"] > 0:
                 ("M_pre", data.read_mask(masks.prelim_mask_path(run, it))),
                 ("inpainted", data.read_image(inpaint.inpainted_path(run, it))),
                 ("refined M", data.read_mask(inpaint.refined_mask_path(run, it)))]
-    viz.static_grid(dprime.items[:4], panels_for);
+    display(viz.static_grid(dprime.items[:4], panels_for))  # inside `if`: not the cell's value, so shown by hand
 
 # %% [markdown]
 # ## Train on M plus D'
@@ -118,7 +157,8 @@ if P["dprime_size"] > 0:
 else:
     metrics = evaluate.current_metrics(P["out_dir"])[0]
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 print(evaluate.table2(metrics) if ds.has_ground_truth else "no ground truth in base_dir: nothing to score")
 
 # %%
@@ -133,3 +173,6 @@ viz.plot_table2(metrics);
 # 2. Double `dprime_size`. Does the row keep improving?
 # 3. Look at D' samples whose refined M is empty or covers everything: what would a filter
 #    that drops them need to know?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.

@@ -1,4 +1,20 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fgbg-course/fgbg/blob/main/notebooks/03_finetune.ipynb)
+#
 # # 3 · Concept distillation: teach the generator what "background" means
 #
 # M_pre is coarse. To refine it, the paper removes the object from the photo and looks at
@@ -22,9 +38,28 @@
 # rate, and samples come from an exponential moving average (EMA) of its weights. The
 # reference trains about a day on two A6000 GPUs; the mini world needs minutes on a CPU.
 
-# %% colab
+# %%
+# Colab: fetch the course and make it importable, without restarting the runtime.
+# Everywhere else (JupyterLab, papermill, nbval) this cell does nothing.
+import os
+import sys
 
-# %% parameters
+if "google.colab" in sys.modules or os.environ.get("FGBG_COLAB_ROOT"):  # the variable: tests only
+    import subprocess
+    repo = os.path.join(os.environ.get("FGBG_COLAB_ROOT", "/content"), "fgbg")
+    if not os.path.exists(os.path.join(repo, "pyproject.toml")):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", os.environ.get("FGBG_REPOSITORY", "https://github.com/fgbg-course/fgbg"),
+                        repo], check=True)
+    if not os.environ.get("FGBG_COLAB_NO_INSTALL"):  # tests: the dependencies are there already
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[lowmem]"], check=True)
+    os.chdir(repo)  # from /content, `import fgbg` would find the clone itself as a namespace package
+    sys.path.insert(0, repo)
+    for name in [m for m in sys.modules if m == "fgbg" or m.startswith("fgbg.")]:
+        del sys.modules[name]
+    from fgbg.models import describe_device
+    print(describe_device())
+
+# %% tags=["parameters"]
 model = "teaching"
 base_dir = "data/miniworld"
 make_mini_world = True
@@ -41,6 +76,9 @@ finetune_optimizer = "adamw"
 finetune_lora_rank = 0
 finetune_ema = "gpu"
 finetune_ema_every = 1
+# the effective batch is finetune_batch_size, over all processes and accumulation steps
+finetune_gradient_accumulation_steps = 1
+processes = 1   # > 1: data-parallel on N processes, one per GPU (accelerate launch)
 limit = None
 resize_mode = "pad"
 seed = 0
@@ -52,7 +90,7 @@ overwrite = False
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fgbg import course, data, finetune, masks, models, viz
+from fgbg import batch, course, data, finetune, masks, models, viz
 
 P = course.setup(globals())
 pipe = models.load_pipeline(P["model"], P["device"], P["dtype"])
@@ -90,14 +128,10 @@ viz.show_rows(before);
 # to `out_dir/finetuned/` and resumes from its last checkpoint when rerun.
 
 # %%
-cfg = finetune.FinetuneConfig(steps=P["finetune_steps"], batch_size=P["finetune_batch_size"],
-                              lr=P["finetune_lr"], object_prompt=P["foreground_prompt"],
-                              background_prompt=P["background_prompt"], seed=P["seed"],
-                              resize_mode=P["resize_mode"],
-                              gradient_checkpointing=P["finetune_gradient_checkpointing"],
-                              mixed_precision=P["finetune_mixed_precision"], optimizer=P["finetune_optimizer"],
-                              lora_rank=P["finetune_lora_rank"], ema=P["finetune_ema"],
-                              ema_every=P["finetune_ema_every"])
+cfg = finetune.FinetuneConfig.from_params(P)  # the finetune_* parameters, the prompts, the seed
+print(cfg)
+if P["processes"] > 1:  # N processes do the work (fgbg.batch.launch); the call below then finds it done
+    batch.launch("finetune", P)
 result = finetune.finetune(pipe, train, P["out_dir"], cfg, overwrite=P["overwrite"])
 for rel, why in result["skipped"]:
     print("skipped", rel, why)
@@ -111,7 +145,8 @@ if len(loss):
     ax.set_xlabel("step"); ax.set_ylabel("masked eps-MSE")
     fig.tight_layout()
 
-# %% check
+# %%
+# NBVAL_CHECK_OUTPUT
 import os
 print(f"fine-tuned for {result['steps']} steps on {len(train) - len(result['skipped'])} images; "
       f"pipeline saved: {os.path.exists(os.path.join(P['out_dir'], 'finetuned', 'model_index.json'))}")
@@ -143,3 +178,6 @@ viz.show_rows(after);
 #    samples?
 # 3. The loss of a background sample ignores the foreground pixels of its box. What would
 #    the model learn if it did not?
+#
+# Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
+# its figures: `docs/lessons/solutions.ipynb`). Try first.
