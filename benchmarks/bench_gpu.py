@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 PROMPT = "a photo of a bird"
 
-# the issue's targets (issue 12) on an H100/H200 at 512x512
+# the project's speed targets on an H100/H200 at 512x512 (benchmarks/README.md)
 TARGETS = {
     "step1": {"rate": 16.0, "ratio": 25.0, "unit": "images/s"},
     "step4": {"rate": 10.0, "unit": "images/s"},
@@ -707,7 +707,7 @@ class Bench:
         rows = self.res["rows"]
         peak = self.res["meta"].get("matmul_tflops")
         f1 = self.flops.get("step1")
-        lines = ["", "summary (best row of each part against the issue's targets):"]
+        lines = ["", "summary (best row of each part against the speed targets):"]
         if f1 and peak:
             lim = peak * 1e12 / f1
             self.res["meta"]["step1_flops_per_image"] = f1

@@ -15,7 +15,7 @@ v1's test split is the course's):
    refine_mask, with M_pre upsampled bilinearly), from the model's M_pre, and a model-free
    M_crop from the saliency mask instead of M_pre; scored with ``fgbg.segmenter.evaluate_masks``
    on the test subset as notebook 04 does.
-3. The bars of issue 13 for a world where the method has to earn its result: step-1 AUC >=
+3. The bars for a world where the method has to earn its result: step-1 AUC >=
    saliency AUC + 0.02; M_pre IoU >= saliency IoU; IoU(refined M) >= IoU(M_crop) + 0.05. Only
    the baselines' side is measured here (the shipped model never saw v2).
 

@@ -1,0 +1,110 @@
+"""Score teaching models on world v1 and v2 course splits: the A/B of docs/teaching_model.md.
+
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/ab_world_eval.py \
+        --model data/ab-v1/pipeline --worlds v1,v2 --out runs/ab/v1arm
+
+For each world (``fgbg.miniworld.write_course_dataset(world=...)``, 64 train images as in
+``benchmarks/world_v2_baselines.py``, written once under ``--data``): step 1 with the course's
+default parameters and step 2, on the "test" (one bird) and "distractor" (bird + other)
+subsets, then ``fgbg.evaluate.evaluate_steps12``: step-1 AUC, M_pre IoU, bird-vs-other AUC,
+and the untrained-network control (``fgbg.course.untrained_copy``: the same VAE, a fresh UNet
+and text encoder, step 1 as for the model). Also bird-vs-other AUC per class of the other
+object, and M_crop as step 4 makes it (``world_v2_baselines.crop_masks``).
+
+Writes ``<out>/ab_eval.json`` and prints one line per world.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def score_world(world: str, data_root: Path, out: Path, pipe, P: dict, untrained: bool = True) -> dict:
+    from fgbg import course, evaluate, miniworld
+    from fgbg.attention import save_attention_maps
+    from fgbg.data import load_dataset
+    from fgbg.masks import preliminary_masks
+    from fgbg.segmenter import evaluate_masks
+    from world_v2_baselines import crop_masks
+    base, run = data_root / world, out / world
+    if not (base / "images.txt").is_file():
+        miniworld.write_course_dataset(base, n_train=miniworld.FIRST_TRAIN, world=world)
+    ds = load_dataset(base, splits=["test"])
+    kw = dict(prompt=P["foreground_prompt"], object_word=P["object_word"], extractor=P["extractor"],
+              steps=P["steps"], rev_diff_steps=P["rev_diff_steps"], num_inference_steps=P["num_inference_steps"],
+              num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
+              resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], progress=False)
+    t0 = time.time()
+    save_attention_maps(pipe, ds, run, **kw)
+    if untrained:
+        save_attention_maps(course.untrained_copy(pipe, seed=P["seed"]), ds, run, subdir="attention_untrained", **kw)
+    preliminary_masks(ds, run, seed=P["seed"], progress=False)
+    res = {"steps12_seconds": round(time.time() - t0, 1)}
+    subsets = evaluate.split_subsets(ds)
+    for name, items in subsets.items():
+        res[name], skipped = evaluate.evaluate_steps12(items, run, untrained_subdir="attention_untrained",
+                                                       seed=P["seed"], self_attention_subdir=None)
+        if skipped:
+            res[name]["skipped"] = skipped
+    scenes = json.loads((base / "scenes.json").read_text())
+    by_cls: dict[str, list] = {}
+    for it in subsets["distractor"]:
+        others = {o["cls"] for o in scenes[it.rel]["objects"] if o["cls"] != "bird"}
+        by_cls.setdefault("+".join(sorted(others)) or "?", []).append(it)
+    res["distractor"]["by_other_class"] = {}
+    for cls, items in sorted(by_cls.items()):
+        m, _ = evaluate.evaluate_steps12(items, run, untrained_subdir="attention_untrained", seed=P["seed"],
+                                         self_attention_subdir=None)
+        res["distractor"]["by_other_class"][cls] = {
+            "n": m["n_images"], "model": m.get("bird_vs_distractor_auc"),
+            "untrained": m["controls"].get("untrained", {}).get("bird_vs_distractor_auc")}
+    test = subsets["test"]
+    m_crop, _ = crop_masks(test, run, pipe, P["seed"], P["resize_mode"])
+    res["test"]["crop"] = {k: v for k, v in evaluate_masks(lambda it: m_crop[it.key], test).items()
+                           if k in ("acc", "iou", "miou", "dice", "n_images")}
+    return res
+
+
+def summary(r: dict) -> dict:
+    t, d = r["test"], r["distractor"]
+    return {"step1_auc": t["step1_auc"], "untrained_auc": t["controls"].get("untrained", {}).get("auc"),
+            "m_pre_iou": t["prelim"]["iou"], "m_crop_iou": t["crop"]["iou"],
+            "bird_vs_other": d.get("bird_vs_distractor_auc"),
+            "bird_vs_other_untrained": d["controls"].get("untrained", {}).get("bird_vs_distractor_auc"),
+            "photo_auc": t["controls"]["photo_token"]["auc"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--worlds", default="v1,v2")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default="runs/ab/data", help="course datasets, one folder per world")
+    ap.add_argument("--no-untrained", action="store_true")
+    a = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    from fgbg import models, params
+    P = params.defaults()
+    pipe = models.load_pipeline(a.model, "cpu", P["dtype"])
+    out = ROOT / a.out
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / "ab_eval.json"
+    results = json.loads(f.read_text()) if f.exists() else {"model": a.model, "worlds": {}}
+    results["date"] = time.strftime("%Y-%m-%d")
+    for w in a.worlds.split(","):
+        r = score_world(w, ROOT / a.data, out, pipe, P, untrained=not a.no_untrained)
+        results["worlds"][w] = r
+        f.write_text(json.dumps(results, indent=1))
+        print(w, json.dumps(summary(r)), json.dumps(r["distractor"]["by_other_class"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
