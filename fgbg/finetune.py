@@ -550,7 +550,11 @@ def _accelerator(device: torch.device):
     plain pass-through on one process. Precision and placement stay fgbg's (autocast and
     the pipeline's device), so one process trains exactly as without accelerate."""
     from accelerate import Accelerator
-    return Accelerator(cpu=device.type != "cuda", device_placement=False, mixed_precision="no")
+    from .runs import process_group
+    # one process: accelerate's device is not used (nothing is placed or wrapped), so its state
+    # keeps its default and a later run on another device in the same kernel does not clash
+    cpu = device.type != "cuda" if process_group() is not None else False
+    return Accelerator(cpu=cpu, device_placement=False, mixed_precision="no")
 
 
 def _setup(pipe, config: FinetuneConfig, accelerator, amp) -> _Training:
