@@ -64,11 +64,37 @@ def score_world(world: str, data_root: Path, out: Path, pipe, P: dict, untrained
         res["distractor"]["by_other_class"][cls] = {
             "n": m["n_images"], "model": m.get("bird_vs_distractor_auc"),
             "untrained": m["controls"].get("untrained", {}).get("bird_vs_distractor_auc")}
+    if untrained:
+        res["distractor"]["paired"] = paired_separation(subsets["distractor"], run)
     test = subsets["test"]
     m_crop, _ = crop_masks(test, run, pipe, P["seed"], P["resize_mode"])
     res["test"]["crop"] = {k: v for k, v in evaluate_masks(lambda it: m_crop[it.key], test).items()
                            if k in ("acc", "iou", "miou", "dice", "n_images")}
     return res
+
+
+def paired_separation(items, run: Path) -> dict:
+    """Per-image bird-vs-other AUC of the model minus the untrained network's, on the same
+    images: mean, standard error and n (the spread that the subset means above hide)."""
+    import numpy as np
+    from fgbg.attention import load_attention
+    from fgbg.data import map_back, read_mask
+    from fgbg.metrics import separation_auc
+    diffs, model = [], []
+    for it in items:
+        amap, pl = load_attention(run, it)
+        umap, _ = load_attention(run, it, "attention_untrained")
+        shape = (pl.height, pl.width)
+        gt, dis = read_mask(it.gt_path, shape), read_mask(it.distractor_path, shape)
+        if not (gt.any() and (dis & ~gt).any()):
+            continue
+        a = separation_auc(map_back(amap, pl, "bilinear"), gt, dis & ~gt)
+        u = separation_auc(map_back(umap, pl, "bilinear"), gt, dis & ~gt)
+        model.append(a); diffs.append(a - u)
+    d, m = np.array(diffs), np.array(model)
+    se = lambda x: round(float(x.std(ddof=1) / np.sqrt(len(x))), 4)  # noqa: E731
+    return {"n": len(d), "model_mean": round(float(m.mean()), 4), "model_se": se(m),
+            "minus_untrained_mean": round(float(d.mean()), 4), "minus_untrained_se": se(d)}
 
 
 def summary(r: dict) -> dict:
@@ -87,7 +113,21 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="runs/ab/data", help="course datasets, one folder per world")
     ap.add_argument("--no-untrained", action="store_true")
+    ap.add_argument("--paired-only", action="store_true",
+                    help="only add the paired bird-vs-other numbers to <out>/ab_eval.json, from the saved maps")
     a = ap.parse_args()
+    if a.paired_only:
+        from fgbg import evaluate
+        from fgbg.data import load_dataset
+        f = ROOT / a.out / "ab_eval.json"
+        results = json.loads(f.read_text())
+        for w in a.worlds.split(","):
+            ds = load_dataset(ROOT / a.data / w, splits=["test"])
+            pr = paired_separation(evaluate.split_subsets(ds)["distractor"], ROOT / a.out / w)
+            results["worlds"][w]["distractor"]["paired"] = pr
+            print(w, json.dumps(pr))
+        f.write_text(json.dumps(results, indent=1))
+        return 0
     import torch
     torch.set_num_threads(1)
     from fgbg import models, params

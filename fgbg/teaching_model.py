@@ -363,6 +363,8 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
         record = {"config": asdict(cfg), "unet_steps": st["step"]}
         if (out / "init_from.json").exists():  # continued training: steps counted from the source
             record["continued_from"] = json.loads((out / "init_from.json").read_text())
+        if (out / "vae_from.json").exists():  # a fresh UNet on a saved pipeline's VAE
+            record["vae_from"] = json.loads((out / "vae_from.json").read_text())
         (Path(save_to) / "fgbg_teaching.json").write_text(json.dumps(record, indent=1))
     return pipe
 
@@ -392,7 +394,7 @@ def _config(work: Path, seed: int | None, unet_channels: str | None) -> Teaching
 def _saved_pipeline(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"--init-from {folder}: not a saved pipeline (no model_index.json)")
+        raise FileNotFoundError(f"{folder}: not a saved pipeline (no model_index.json)")
     return folder
 
 
@@ -407,24 +409,29 @@ def pipeline_weights(folder: str | Path) -> tuple[dict, dict]:
 
 
 def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, device: str | None = None,
-            vae_batch: int = 32, init_from: str | Path | None = None) -> None:
+            vae_batch: int = 32, init_from: str | Path | None = None, vae_from: str | Path | None = None) -> None:
     """Corpus, tokenizer files, VAE and the encoded latents: everything the UNet trains on.
     Each part is skipped when it is already there. ``init_from``: take the VAE, and the
     latents' scaling factor, from this saved pipeline instead of training a new VAE, so
-    that its UNet sees the latents it was trained on."""
-    if init_from is not None:
-        _saved_pipeline(init_from)
-        if (work / "vae_ckpt.pt").exists() and not (work / "init_from.json").exists():
-            raise SystemExit(f"{work} trains its own VAE; --init-from {init_from} needs a new --work folder "
-                             f"(its UNet must see its own VAE's latents)")
+    that its UNet sees the latents it was trained on. ``vae_from``: the same for the VAE
+    alone (recorded as ``vae_from.json``); the UNet and text encoder then start from scratch."""
+    if init_from is not None and vae_from is not None:
+        raise SystemExit("--init-from already takes the pipeline's VAE: give --init-from or --vae-from, not both")
+    source, marker, flag = ((init_from, "init_from.json", "--init-from") if init_from is not None
+                            else (vae_from, "vae_from.json", "--vae-from"))
+    if source is not None:
+        _saved_pipeline(source)
+        if (work / "vae_ckpt.pt").exists() and not (work / marker).exists():
+            raise SystemExit(f"{work} trains its own VAE (or took it otherwise); {flag} {source} needs a new "
+                             f"--work folder (its UNet must see its own VAE's latents)")
         if not (work / "vae_ckpt.pt").exists():
             from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(Path(init_from), subfolder="vae", torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(Path(source), subfolder="vae", torch_dtype=torch.float32)
             work.mkdir(parents=True, exist_ok=True)
-            source = Path(init_from) / "fgbg_teaching.json"
-            atomic_write_text(work / "init_from.json", json.dumps(
-                {"pipeline": str(init_from),
-                 "unet_steps": json.loads(source.read_text()).get("unet_steps") if source.exists() else None}))
+            record = Path(source) / "fgbg_teaching.json"
+            atomic_write_text(work / marker, json.dumps(
+                {"pipeline": str(source),
+                 "unet_steps": json.loads(record.read_text()).get("unet_steps") if record.exists() else None}))
             _save_ckpt(work / "vae_ckpt.pt", {"model": vae.state_dict(), "opt": None, "step": vae_steps,
                                               "scaling_factor": float(vae.config.scaling_factor)})
     if not (work / "corpus" / "scenes.jsonl").exists():
@@ -463,6 +470,9 @@ def main(argv=None):
         q.add_argument("--device", default=None)
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--vae-from", default=None, metavar="PIPELINE",
+                       help="take only the VAE (and its latent scaling factor) of a saved teaching pipeline; "
+                            "the UNet and text embeddings train from scratch")
     t.add_argument("--steps", type=int, default=2000, help="UNet steps")
     t.add_argument("--batch", type=int, default=1024)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -489,7 +499,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     init_from = getattr(a, "init_from", None)
-    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch, init_from=init_from)
+    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch, init_from=init_from, vae_from=a.vae_from)
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,

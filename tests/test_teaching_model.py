@@ -99,3 +99,31 @@ def test_init_from_continues_a_saved_pipeline(tmp_path):
         tm.main(["train", "--work", str(tmp_path / "a"), *small, "--steps", "3", "--init-from", str(src)])
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         tm.main(["train", "--work", str(tmp_path / "c"), *small, "--steps", "1", "--init-from", str(tmp_path / "a")])
+
+
+def test_vae_from_takes_only_the_vae(tmp_path):
+    """--vae-from: the pipeline's VAE and scaling factor, but a fresh UNet and text encoder
+    (with lr 0 one step changes nothing, so the export equals a from-scratch initialisation)."""
+    from safetensors.torch import load_file
+    src = tm.ASSET_DIR
+    small = ["--corpus-size", "12", "--threads", "1", "--batch", "4"]
+    out = tmp_path / "pipe"
+    tm.main(["train", "--work", str(tmp_path / "w"), *small, "--steps", "1", "--lr", "0",
+             "--vae-from", str(src), "--save-to", str(out)])
+    part = "vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(src / part), load_file(out / part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scale = json.loads((src / "vae" / "config.json").read_text())["scaling_factor"]
+    assert torch.load(tmp_path / "w" / "latents.pt")["scaling_factor"] == scale
+    # the UNet is the seeded fresh initialisation of a from-scratch run, not the pipeline's
+    torch.manual_seed(0)
+    fresh = {k: v.half() for k, v in tm.build_unet(tm.TeachingConfig()).state_dict().items()}
+    got, shipped = load_file(out / "unet/diffusion_pytorch_model.safetensors"), load_file(
+        src / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(got[k], fresh[k]) for k in fresh)
+    assert not all(torch.equal(got[k], shipped[k]) for k in shipped)
+    rec = json.loads((out / "fgbg_teaching.json").read_text())
+    assert rec["unet_steps"] == 1 and rec["vae_from"]["pipeline"] == str(src) and "continued_from" not in rec
+    with pytest.raises(SystemExit, match="not both"):
+        tm.main(["train", "--work", str(tmp_path / "x"), *small, "--steps", "1",
+                 "--vae-from", str(src), "--init-from", str(src)])

@@ -3,21 +3,21 @@
 # scratch (its own VAE on the v2 corpus, UNet batch 1,024, lr 1e-3, EMA 0.999, p_omit 0.6),
 # exported and packed for the trip back. See docs/teaching_model.md ("A/B" and "World v2").
 #
-#   bash benchmarks/gpu_teaching_v2.sh OUTDIR            # one H100/H200: about 7-8 minutes
-#   DRY=1 bash benchmarks/gpu_teaching_v2.sh /tmp/tv2    # CPU dry run with tiny sizes (~2 min)
+#   bash tools/gpu_teaching_v2.sh OUTDIR            # one H100/H200: about 7-8 minutes
+#   DRY=1 bash tools/gpu_teaching_v2.sh /tmp/tv2    # CPU dry run with tiny sizes (~2 min)
 #
 # Environment (defaults = the shipped recipe):
 #   W=/tmp/tv2w  work folder    CORPUS=30000  WORKERS=16  VAE_STEPS=2000  STEPS=2000  BATCH=1024
-#   MINUTES=4.5  UNet budget (--max-minutes: stops cleanly, a rerun resumes)
+#   MINUTES=4    UNet budget (--max-minutes: stops cleanly, a rerun resumes)
 #   VAE_FROM=PIPELINE  take that pipeline's VAE instead of training one (--vae-from)
 #   EVAL=1       score the exported model on the v2 course splits (benchmarks/world_v2_baselines.py's
 #                run_world: step-1 AUC, M_pre IoU, bird vs other, M_crop) if time is left
 #   PACK_TO=DIR  copy logs.tgz, the text encoder and the rest of the pipeline there (each < 16 MB)
 set -u
-OUTD=${1:?usage: bash benchmarks/gpu_teaching_v2.sh OUTDIR}
+OUTD=${1:?usage: bash tools/gpu_teaching_v2.sh OUTDIR}
 W=${W:-/tmp/tv2w}
 CORPUS=${CORPUS:-30000}; WORKERS=${WORKERS:-16}; VAE_STEPS=${VAE_STEPS:-2000}
-STEPS=${STEPS:-2000}; BATCH=${BATCH:-1024}; MINUTES=${MINUTES:-4.5}; DEV=()
+STEPS=${STEPS:-2000}; BATCH=${BATCH:-1024}; MINUTES=${MINUTES:-4}; DEV=()
 if [ "${DRY:-0}" = 1 ]; then
   CORPUS=64; WORKERS=2; VAE_STEPS=2; STEPS=3; BATCH=8; MINUTES=2; DEV=(--device cpu --threads 1)
 fi
