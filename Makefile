@@ -50,7 +50,9 @@ test-bf16: setup
 # the solutions: notebooks/solutions/). This syncs each pair (the file edited last gives its cells to
 # the other), runs every notebook headless (runs/build/), keeps only the outputs of the check cells in
 # notebooks/ (nbval compares them) and writes the executed lessons to docs/lessons/*.ipynb (under
-# 500 KB each). About 8 minutes on a 2-core CPU.
+# 500 KB each). About 10 minutes on a 2-core CPU. Run it as CI runs the notebooks: torch's default
+# threads on a 2-core machine, nothing else running; the checked Table 2 numbers depend on the
+# thread count (OMP_NUM_THREADS=1 gives e.g. 65.3 instead of 66.1 for refined M: float order).
 notebooks: setup
 	$(BIN)/python tools/notebooks.py refresh
 
