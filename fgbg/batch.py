@@ -142,7 +142,8 @@ def launch(step: str, P: dict, processes: int | None = None, echo: bool = True) 
     with socket.socket() as sock:  # a free port on this machine for the processes' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "FGBG_PROGRESS": "0", "TQDM_DISABLE": "1"}
+    from .runs import BATCH_ENV
+    env = {**os.environ, **BATCH_ENV}
     if "OMP_NUM_THREADS" not in os.environ:  # CPU processes share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     proc = subprocess.Popen(launch_command(step, params_file, n, port), cwd=repo_root(Path(__file__).parent),

@@ -267,14 +267,8 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
     root = repo_root(Path(__file__).parent)
     out = Path(params["out_dir"])
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    from .runs import PROGRESS_ENV
-    batch_env = {PROGRESS_ENV: "0", "TQDM_DISABLE": "1"}
-    before = {k: os.environ.get(k) for k in batch_env}
-    # The kernels inherit them: a batch run, so no progress widgets (tqdm's own switch also
-    # quiets the libraries' bars) and no image-browser widgets (fgbg.viz.browse draws a
-    # static figure instead; a widget can hang papermill).
-    os.environ.update(batch_env)
-    try:
+    from .runs import BATCH_ENV, environment
+    with environment(BATCH_ENV):  # the kernels inherit it: a batch run
         for name in notebooks:
             src = root / "notebooks" / f"{name}.ipynb"
             dest = out / "notebooks" / f"{name}.ipynb"
@@ -297,12 +291,6 @@ def run(params_file: str | None, overrides: dict, notebooks: list[str], kernel: 
                 raise NotebookError(f"{name}: the kernel died ({_first_line(e) or 'out of memory?'}); the executed "
                                     f"notebook so far: {dest}") from None
             print(f"   done in {time.time() - t0:.0f} s", flush=True)
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     from .evaluate import current_metrics
     return current_metrics(out)[0]  # this run's rows only
 

@@ -34,6 +34,27 @@ PROGRESS_ENV = "FGBG_PROGRESS"
 """Set to "0" to turn fgbg's progress bars off (the Makefile's nbval run and
 ``python -m fgbg.course run`` do, for the kernels they start)."""
 
+BATCH_ENV = {PROGRESS_ENV: "0", "TQDM_DISABLE": "1"}
+"""The environment of a batch run, which nobody watches: no progress bars (fgbg's and, through
+tqdm's own switch, the libraries') and no image-browser widgets (fgbg.viz.browse draws a
+static figure instead; a widget can hang papermill)."""
+
+
+@contextlib.contextmanager
+def environment(updates: dict):
+    """Set environment variables (which the kernels and processes started inside inherit)
+    for the duration of the block, and restore them after."""
+    before = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def progress_bar(iterable=None, **kwargs):
     """fgbg's progress bar: ``tqdm.auto`` updated at most once a second, off when the

@@ -60,26 +60,19 @@ def sync() -> None:
 def batch_env(out_dir: Path) -> dict:
     """The environment of a batch run: outputs in ``out_dir``, no progress bars, no widgets."""
     from fgbg.course import OUT_DIR_ENV
-    from fgbg.runs import PROGRESS_ENV
-    return {OUT_DIR_ENV: str(out_dir), PROGRESS_ENV: "0", "TQDM_DISABLE": "1"}
+    from fgbg.runs import BATCH_ENV
+    return {**BATCH_ENV, OUT_DIR_ENV: str(out_dir)}
 
 
 def execute(path: Path, out: Path, env: dict) -> None:
     import papermill as pm
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from fgbg.runs import environment
+    with environment(env):
         out.parent.mkdir(parents=True, exist_ok=True)
         print("executing", path.relative_to(ROOT), end=" ", flush=True)
         t0 = time.time()
         pm.execute_notebook(str(path), str(out), cwd=str(ROOT), progress_bar=False)
         print(f"{time.time() - t0:.0f} s", flush=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def keep_check_outputs(executed: Path, target: Path) -> None:
