@@ -11,6 +11,10 @@ and the untrained-network control (``fgbg.course.untrained_copy``: the same VAE,
 and text encoder, step 1 as for the model). Also bird-vs-other AUC per class of the other
 object, and M_crop as step 4 makes it (``world_v2_baselines.crop_masks``).
 
+``--cue-swap`` also scores bird vs fish on the same 48 pictures with typical and with swapped
+class cues (``fgbg.miniworld.cue_swap_pair``): what the model's "bird" means. ``--worlds ""``
+scores only that.
+
 Writes ``<out>/ab_eval.json`` and prints one line per world.
 """
 from __future__ import annotations
@@ -25,6 +29,53 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def step1_kwargs(P: dict) -> dict:
+    """save_attention_maps' arguments from the course's parameters."""
+    return dict(prompt=P["foreground_prompt"], object_word=P["object_word"], extractor=P["extractor"],
+                steps=P["steps"], rev_diff_steps=P["rev_diff_steps"], num_inference_steps=P["num_inference_steps"],
+                num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
+                resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], progress=False)
+
+
+def score_cue_swap(data_root: Path, out: Path, pipe, P: dict, n: int = 48) -> dict:
+    """Bird-vs-fish AUC of the "bird" map on the same pictures with typical and with swapped
+    class cues (``fgbg.miniworld.cue_swap_pair``), and the per-picture difference."""
+    import numpy as np
+    from fgbg import miniworld
+    from fgbg.attention import save_attention_maps
+    from fgbg.data import load_dataset
+    base = data_root / "cue_swap"
+    if not all((base / k / "images.txt").is_file() for k in miniworld.CUE_SWAP):
+        miniworld.write_cue_swap_dataset(base, n=n)
+    res, per_image = {}, {}
+    for k in miniworld.CUE_SWAP:
+        ds = load_dataset(base / k, splits=["test"])
+        save_attention_maps(pipe, ds, out / "cue_swap" / k, **step1_kwargs(P))
+        per_image[k] = _per_image_separation(ds.items, out / "cue_swap" / k)
+        res[k] = {"n": len(per_image[k]), "bird_vs_fish_auc": round(float(np.mean(list(per_image[k].values()))), 4)}
+    keys = sorted(set(per_image["typical"]) & set(per_image["swapped"]))
+    d = np.array([per_image["swapped"][key] - per_image["typical"][key] for key in keys])
+    res["swapped_minus_typical"] = {"n": len(d), "mean": round(float(d.mean()), 4),
+                                    "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                                    "n_lower": int((d < 0).sum())}
+    return res
+
+
+def _per_image_separation(items, run: Path, subdir: str = "attention") -> dict:
+    """Per-image AUC of the map ranking the bird's pixels above the other object's."""
+    from fgbg.attention import load_attention
+    from fgbg.data import map_back, read_mask
+    from fgbg.metrics import separation_auc
+    out = {}
+    for it in items:
+        amap, pl = load_attention(run, it, subdir)
+        shape = (pl.height, pl.width)
+        gt, dis = read_mask(it.gt_path, shape), read_mask(it.distractor_path, shape)
+        if gt.any() and (dis & ~gt).any():
+            out[it.key] = separation_auc(map_back(amap, pl, "bilinear"), gt, dis & ~gt)
+    return out
+
+
 def score_world(world: str, data_root: Path, out: Path, pipe, P: dict, untrained: bool = True) -> dict:
     from fgbg import course, evaluate, miniworld
     from fgbg.attention import save_attention_maps
@@ -36,10 +87,7 @@ def score_world(world: str, data_root: Path, out: Path, pipe, P: dict, untrained
     if not (base / "images.txt").is_file():
         miniworld.write_course_dataset(base, n_train=miniworld.FIRST_TRAIN, world=world)
     ds = load_dataset(base, splits=["test"])
-    kw = dict(prompt=P["foreground_prompt"], object_word=P["object_word"], extractor=P["extractor"],
-              steps=P["steps"], rev_diff_steps=P["rev_diff_steps"], num_inference_steps=P["num_inference_steps"],
-              num_repeat_each_diffusion_step=P["num_repeat_each_diffusion_step"], seed=P["seed"],
-              resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], progress=False)
+    kw = step1_kwargs(P)
     t0 = time.time()
     save_attention_maps(pipe, ds, run, **kw)
     if untrained:
@@ -77,21 +125,9 @@ def paired_separation(items, run: Path) -> dict:
     """Per-image bird-vs-other AUC of the model minus the untrained network's, on the same
     images: mean, standard error and n (the spread that the subset means above hide)."""
     import numpy as np
-    from fgbg.attention import load_attention
-    from fgbg.data import map_back, read_mask
-    from fgbg.metrics import separation_auc
-    diffs, model = [], []
-    for it in items:
-        amap, pl = load_attention(run, it)
-        umap, _ = load_attention(run, it, "attention_untrained")
-        shape = (pl.height, pl.width)
-        gt, dis = read_mask(it.gt_path, shape), read_mask(it.distractor_path, shape)
-        if not (gt.any() and (dis & ~gt).any()):
-            continue
-        a = separation_auc(map_back(amap, pl, "bilinear"), gt, dis & ~gt)
-        u = separation_auc(map_back(umap, pl, "bilinear"), gt, dis & ~gt)
-        model.append(a); diffs.append(a - u)
-    d, m = np.array(diffs), np.array(model)
+    a, u = _per_image_separation(items, run), _per_image_separation(items, run, "attention_untrained")
+    m = np.array([a[k] for k in a if k in u])
+    d = m - np.array([u[k] for k in a if k in u])
     se = lambda x: round(float(x.std(ddof=1) / np.sqrt(len(x))), 4)  # noqa: E731
     return {"n": len(d), "model_mean": round(float(m.mean()), 4), "model_se": se(m),
             "minus_untrained_mean": round(float(d.mean()), 4), "minus_untrained_se": se(d)}
@@ -113,6 +149,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="runs/ab/data", help="course datasets, one folder per world")
     ap.add_argument("--no-untrained", action="store_true")
+    ap.add_argument("--cue-swap", action="store_true",
+                    help="also score bird vs fish on pictures with typical and with swapped class cues")
     ap.add_argument("--paired-only", action="store_true",
                     help="only add the paired bird-vs-other numbers to <out>/ab_eval.json, from the saved maps")
     a = ap.parse_args()
@@ -138,11 +176,15 @@ def main() -> int:
     f = out / "ab_eval.json"
     results = json.loads(f.read_text()) if f.exists() else {"model": a.model, "worlds": {}}
     results["date"] = time.strftime("%Y-%m-%d")
-    for w in a.worlds.split(","):
+    for w in [w for w in a.worlds.split(",") if w]:
         r = score_world(w, ROOT / a.data, out, pipe, P, untrained=not a.no_untrained)
         results["worlds"][w] = r
         f.write_text(json.dumps(results, indent=1))
         print(w, json.dumps(summary(r)), json.dumps(r["distractor"]["by_other_class"]), flush=True)
+    if a.cue_swap:
+        results["cue_swap"] = score_cue_swap(ROOT / a.data, out, pipe, P)
+        f.write_text(json.dumps(results, indent=1))
+        print("cue swap", json.dumps(results["cue_swap"]), flush=True)
     return 0
 
 

@@ -385,21 +385,8 @@ def write_course_dataset(base_dir: str | Path, n_train: int = 128, n_val: int = 
             ("train", 1, max(0, n_train - FIRST_TRAIN), False, more)]
     for folder, split, n, distract, r in plan:
         for _ in range(n):
-            i = len(lines.setdefault(folder, []))
-            scene = _course_scene(r, size, size, distract, world)
-            img, masks = render(scene, size, size)
-            rel = f"images/{folder}/{folder}_{i:04d}.png"
-            save_png(base / rel, img)
-            bird = [m for o, m in zip(scene.objects, masks) if o.cls == "bird"][0]
-            save_png(base / "segmentations" / rel[len("images/"):], bird.astype(np.uint8) * 255)
-            if distract:
-                other = np.any([m for o, m in zip(scene.objects, masks) if o.cls != "bird"], axis=0)
-                save_png(base / "distractors" / rel[len("images/"):], other.astype(np.uint8) * 255)
-            lines[folder].append(f"{rel} {split}")
-            meta[rel] = {"caption": scene.caption(), **scene.to_json()}
-    atomic_write_text(base / "images.txt", "".join(f"{line}\n" for f in ("train", "val", "test", "distractor")
-                                                   for line in lines.get(f, [])))
-    atomic_write_text(base / "scenes.json", json.dumps(meta, indent=1))
+            _write_course_image(base, folder, split, _course_scene(r, size, size, distract, world), size, lines, meta)
+    _write_course_lists(base, lines, meta)
     atomic_write_text(base / "README.txt", (
         f"fgbg mini world course dataset (python -m fgbg.miniworld course{' --world v2' if v2 else ''}).\n"
         "images.txt: '<relative path> <split>' with split 0 = test, 1 = train, 2 = val.\n"
@@ -412,6 +399,28 @@ def write_course_dataset(base_dir: str | Path, n_train: int = 128, n_val: int = 
         record["world"] = world
     atomic_write_text(base / "miniworld.json", json.dumps(record, indent=1))
     return base
+
+
+def _write_course_image(base: Path, folder: str, split: int, scene: Scene, size: int, lines: dict, meta: dict) -> None:
+    """One course image: the picture, the bird's mask, and for a picture with other objects
+    their mask in distractors/; its images.txt line and scene go to ``lines`` and ``meta``."""
+    i = len(lines.setdefault(folder, []))
+    img, masks = render(scene, size, size)
+    rel = f"images/{folder}/{folder}_{i:04d}.png"
+    save_png(base / rel, img)
+    bird = [m for o, m in zip(scene.objects, masks) if o.cls == "bird"][0]
+    save_png(base / "segmentations" / rel[len("images/"):], bird.astype(np.uint8) * 255)
+    if len(scene.objects) > 1:
+        other = np.any([m for o, m in zip(scene.objects, masks) if o.cls != "bird"], axis=0)
+        save_png(base / "distractors" / rel[len("images/"):], other.astype(np.uint8) * 255)
+    lines[folder].append(f"{rel} {split}")
+    meta[rel] = {"caption": scene.caption(), **scene.to_json()}
+
+
+def _write_course_lists(base: Path, lines: dict, meta: dict) -> None:
+    atomic_write_text(base / "images.txt", "".join(f"{line}\n" for f in ("train", "val", "test", "distractor")
+                                                   for line in lines.get(f, [])))
+    atomic_write_text(base / "scenes.json", json.dumps(meta, indent=1))
 
 
 def is_outdated_course_dataset(base_dir: str | Path) -> bool:
@@ -845,6 +854,15 @@ def v2_context(rng: np.random.Generator, classes: list[str]) -> str:
     return _typical(rng, V2_CONTEXTS[classes[0]], BACKGROUNDS) if classes else str(rng.choice(BACKGROUNDS))
 
 
+def _mostly_visible(scene: Scene, h: int, w: int, horizon: float | None) -> list[np.ndarray] | None:
+    """The objects' whole supersampled shapes when each object shows at least 60% of itself
+    and 20 pixels, else None."""
+    _, owner, whole = _v2_draw(scene, h, w, None, horizon)
+    masks = _visible_masks(owner, len(scene.objects))
+    full = [_downsample(c.astype(np.float32)) >= 0.5 for c in whole]
+    return whole if all(m.sum() >= 0.6 * f.sum() and m.sum() >= 20 for m, f in zip(masks, full)) else None
+
+
 def random_scene_v2(rng: np.random.Generator, classes: list[str], h: int = 64, w: int = 64,
                     background: str | None = None) -> Scene:
     """A world-v2 scene: the background is typical of the first class (P_TYPICAL), each object
@@ -859,15 +877,74 @@ def random_scene_v2(rng: np.random.Generator, classes: list[str], h: int = 64, w
         scene = Scene(bg, objs, seed, "v2")
         if not objs:
             return scene
-        _, owner, whole = _v2_draw(scene, h, w, None, horizon)
-        masks = _visible_masks(owner, len(objs))
-        full = [_downsample(c.astype(np.float32)) >= 0.5 for c in whole]
-        if all(m.sum() >= 0.6 * f.sum() and m.sum() >= 20 for m, f in zip(masks, full)):
+        whole = _mostly_visible(scene, h, w, horizon)
+        if whole is not None:
             break
     for o, c in zip(scene.objects, whole):
         if o.camo > 0 and c.any():
             o.colour = _nearest_colour(base[c].mean(axis=0))
     return scene
+
+
+CUE_SWAP = ("typical", "swapped")
+"""The two versions of a cue-swap picture (:func:`cue_swap_pair`)."""
+
+
+def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64) -> tuple[Scene, Scene]:
+    """What does a model's "bird" mean: shape, or the coarse cues that come with birds?
+
+    A bird and a fish in one world-v2 picture, twice, with the same shapes, poses, places,
+    picture seed and drawing order:
+
+    * "typical": each object has its own class's typical cues (a palette colour that the
+      other class does not share, texture, proportion, size), on a bird's context (sky,
+      forest, grass or snow);
+    * "swapped": each object has the *other* class's cues, on water (the fish's context):
+      a barred orange bird of a fish's size and proportion beside a speckled brown fish.
+
+    No camouflage. A model whose "bird" attends to bird shape separates the bird from the
+    fish in both versions; one whose "bird" means bird-like colours and surroundings
+    prefers the fish in the swapped version."""
+    s = min(h, w)
+    own = {"bird": [c for c in V2_PALETTES["bird"] if c not in V2_PALETTES["fish"]],
+           "fish": [c for c in V2_PALETTES["fish"] if c not in V2_PALETTES["bird"]]}
+    cues = {c: dict(colour=str(rng.choice(own[c])), size=float(rng.uniform(*V2_SIZES[c]) * s),
+                    aspect=round(float(V2_ASPECTS[c] * rng.uniform(0.92, 1.08)), 4), texture=V2_TEXTURE_OF[c])
+            for c in ("bird", "fish")}
+    other = {"bird": "fish", "fish": "bird"}
+    backgrounds = {"typical": str(rng.choice(V2_CONTEXTS["bird"])), "swapped": "water"}
+    seed = int(rng.integers(0, 2**31))
+    horizons = {k: v2_background(bg, h, w, seed)[1] for k, bg in backgrounds.items()}
+    pair: dict[str, Scene] = {}
+    for _ in range(50):
+        order = [str(c) for c in rng.permutation(["bird", "fish"])]
+        place = {c: dict(cx=float(rng.uniform(0.15, 0.85) * w), cy=float(rng.uniform(0.2, 0.8) * h),
+                         angle=float(rng.normal(0, 0.25)), flip=bool(rng.random() < 0.5),
+                         pose=int(rng.integers(0, 6))) for c in order}
+        pair = {k: Scene(backgrounds[k], [Obj(cls=c, **cues[c if k == "typical" else other[c]], **place[c])
+                                          for c in order], seed, "v2") for k in CUE_SWAP}
+        if all(_mostly_visible(pair[k], h, w, horizons[k]) is not None for k in CUE_SWAP):
+            break
+    return pair["typical"], pair["swapped"]
+
+
+def write_cue_swap_dataset(base_dir: str | Path, n: int = 48, size: int = 64, seed: int = 0) -> Path:
+    """Two course-layout datasets of ``n`` pictures each, ``<base_dir>/typical`` and
+    ``<base_dir>/swapped``: the versions of the same :func:`cue_swap_pair` pictures, as test
+    images with the bird's mask in segmentations/ and the fish's in distractors/ (so the
+    course's bird-vs-other scoring applies). Same arguments, same bytes."""
+    base = Path(base_dir)
+    rng = np.random.default_rng([seed, 15])  # a stream of its own (course 1/10/4/14, corpus 2)
+    lines: dict[str, dict] = {k: {} for k in CUE_SWAP}
+    meta: dict[str, dict] = {k: {} for k in CUE_SWAP}
+    for _ in range(n):
+        for k, scene in zip(CUE_SWAP, cue_swap_pair(rng, size, size)):
+            _write_course_image(base / k, "distractor", 0, scene, size, lines[k], meta[k])
+    for k in CUE_SWAP:
+        _write_course_lists(base / k, lines[k], meta[k])
+        atomic_write_text(base / k / "miniworld.json", json.dumps(
+            dict(kind="cue_swap", version=k, n=n, size=size, seed=seed, world="v2"), indent=1))
+    return base
 
 
 def main(argv: list[str] | None = None) -> None:

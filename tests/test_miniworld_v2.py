@@ -153,3 +153,43 @@ def test_v2_corpus_roundtrip_and_captions(tmp_path):
     vocab |= {w for phrases in mw.BACKGROUND_PHRASES.values() for p in phrases for w in p.split()}
     for s in scenes:
         assert set(s.caption().split()) <= vocab
+
+
+def test_cue_swap_pairs_change_the_cues_and_nothing_else(tmp_path):
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        typical, swapped = mw.cue_swap_pair(rng)
+        assert typical.background in mw.V2_CONTEXTS["bird"] and swapped.background == "water"
+        assert typical.seed == swapped.seed
+        assert [o.cls for o in typical.objects] == [o.cls for o in swapped.objects]  # same drawing order
+        t = {o.cls: o for o in typical.objects}
+        s = {o.cls: o for o in swapped.objects}
+        assert sorted(t) == ["bird", "fish"]
+        for c, other in (("bird", "fish"), ("fish", "bird")):
+            # its own class's typical cues, in a colour the other class's palette lacks ...
+            assert t[c].texture == mw.V2_TEXTURE_OF[c] and t[c].colour in mw.V2_PALETTES[c]
+            assert t[c].colour not in mw.V2_PALETTES[other]
+            lo, hi = mw.V2_SIZES[c]
+            assert lo * 64 <= t[c].size <= hi * 64 and abs(t[c].aspect / mw.V2_ASPECTS[c] - 1) <= 0.08
+            # ... and swapped, exactly the other object's, in the same place and pose
+            for cue in ("colour", "texture", "size", "aspect"):
+                assert getattr(s[c], cue) == getattr(t[other], cue)
+            for where in ("cx", "cy", "angle", "flip", "pose", "camo"):
+                assert getattr(s[c], where) == getattr(t[c], where)
+            assert t[c].camo == 0.0
+        for scene in (typical, swapped):  # both objects stay mostly visible in both versions
+            _, masks = mw.render(scene)
+            assert all(m.sum() >= 20 for m in masks)
+    # the written pair of datasets: the same pictures' masks where the shapes are the same
+    mw.write_cue_swap_dataset(tmp_path / "cs", n=3)
+    for k in mw.CUE_SWAP:
+        ds = load_dataset(tmp_path / "cs" / k, splits=["test"])
+        assert len(ds.items) == 3 and all(it.distractor_path is not None for it in ds.items)
+        assert json.loads((tmp_path / "cs" / k / "miniworld.json").read_text())["version"] == k
+    a = json.loads((tmp_path / "cs" / "typical" / "scenes.json").read_text())
+    b = json.loads((tmp_path / "cs" / "swapped" / "scenes.json").read_text())
+    assert a.keys() == b.keys()
+    for rel in a:  # a bird stays a bird, where it was
+        ba = [o for o in a[rel]["objects"] if o["cls"] == "bird"][0]
+        bb = [o for o in b[rel]["objects"] if o["cls"] == "bird"][0]
+        assert (ba["cx"], ba["cy"], ba["pose"]) == (bb["cx"], bb["cy"], bb["pose"])
