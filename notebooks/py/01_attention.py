@@ -310,6 +310,12 @@ viz.browse(full.items[:40], panels_for, shared=True, label="attention probabilit
 #    too ("a photo of a red bird"): what does the colour word attend to?
 # 4. Look at `fgbg/attention.py`: `CrossAttentionCapture` is diffusers' classic attention
 #    processor plus one line. Which line?
+# 5. What does the model's *bird* mean: a bird's shape, or what usually comes with birds?
+#    `fgbg.miniworld.write_cue_swap_dataset` draws a bird and a fish in one picture, twice:
+#    once each with its own class's typical colour, texture, proportion and size, on a
+#    bird's background; once with the two objects' cues swapped, on water (an orange,
+#    barred bird of a fish's size beside a speckled brown fish). Score the map of *bird*
+#    on the bird against the fish (`fgbg.metrics.separation_auc`) in both versions.
 #
 # Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
 # its figures: `docs/lessons/solutions.ipynb`). Try first.
