@@ -37,27 +37,44 @@ def step1_kwargs(P: dict) -> dict:
                 resize_mode=P["resize_mode"], unet_batch=P["unet_batch"], progress=False)
 
 
-def score_cue_swap(data_root: Path, out: Path, pipe, P: dict, n: int = 48) -> dict:
+def score_cue_swap(data_root: Path, out: Path, pipe, P: dict, n: int = 48, swap: tuple | None = None,
+                   untrained: bool = True) -> dict:
     """Bird-vs-fish AUC of the "bird" map on the same pictures with typical and with swapped
-    class cues (``fgbg.miniworld.cue_swap_pair``), and the per-picture difference."""
+    class cues (``fgbg.miniworld.cue_swap_pair``; ``swap``: the cues swapped, default all),
+    and the per-picture difference; with ``untrained``, the same for the untrained network
+    (the geometry's share of the difference: the objects' sizes and places change too)."""
     import numpy as np
-    from fgbg import miniworld
+    from fgbg import course, miniworld
     from fgbg.attention import save_attention_maps
     from fgbg.data import load_dataset
-    base = data_root / "cue_swap"
-    if not all((base / k / "images.txt").is_file() for k in miniworld.CUE_SWAP):
-        miniworld.write_cue_swap_dataset(base, n=n)
-    res, per_image = {}, {}
-    for k in miniworld.CUE_SWAP:
-        ds = load_dataset(base / k, splits=["test"])
-        save_attention_maps(pipe, ds, out / "cue_swap" / k, **step1_kwargs(P))
-        per_image[k] = _per_image_separation(ds.items, out / "cue_swap" / k)
-        res[k] = {"n": len(per_image[k]), "bird_vs_fish_auc": round(float(np.mean(list(per_image[k].values()))), 4)}
-    keys = sorted(set(per_image["typical"]) & set(per_image["swapped"]))
-    d = np.array([per_image["swapped"][key] - per_image["typical"][key] for key in keys])
-    res["swapped_minus_typical"] = {"n": len(d), "mean": round(float(d.mean()), 4),
-                                    "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
-                                    "n_lower": int((d < 0).sum())}
+    swap = tuple(swap or miniworld.CUES)
+    name = "cue_swap" if set(swap) == set(miniworld.CUES) else "cue_swap-" + "+".join(swap)
+    base = data_root / name
+    records = [base / k / "miniworld.json" for k in miniworld.CUE_SWAP]
+    wanted = {"swap": list(swap), "n": n, "generator": miniworld.CUE_SWAP_VERSION}
+    if not all(f.is_file() and wanted.items() <= json.loads(f.read_text()).items()
+               for f in records):  # never score other pictures
+        miniworld.write_cue_swap_dataset(base, n=n, swap=swap)
+    nets = {"attention": pipe}
+    if untrained:
+        nets["attention_untrained"] = course.untrained_copy(pipe, seed=P["seed"])
+    res = {"swap": list(swap)}
+    for subdir, net in nets.items():
+        per_image, r = {}, {}
+        for k in miniworld.CUE_SWAP:
+            ds = load_dataset(base / k, splits=["test"])
+            save_attention_maps(net, ds, out / name / k, subdir=subdir, **step1_kwargs(P))
+            per_image[k] = _per_image_separation(ds.items, out / name / k, subdir)
+            r[k] = {"n": len(per_image[k]), "bird_vs_fish_auc": round(float(np.mean(list(per_image[k].values()))), 4)}
+        keys = sorted(set(per_image["typical"]) & set(per_image["swapped"]))
+        d = np.array([per_image["swapped"][key] - per_image["typical"][key] for key in keys])
+        r["swapped_minus_typical"] = {"n": len(d), "mean": round(float(d.mean()), 4),
+                                      "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                                      "n_lower": int((d < 0).sum())}
+        if subdir == "attention":
+            res.update(r)
+        else:
+            res["untrained"] = r
     return res
 
 
@@ -149,8 +166,10 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="runs/ab/data", help="course datasets, one folder per world")
     ap.add_argument("--no-untrained", action="store_true")
-    ap.add_argument("--cue-swap", action="store_true",
-                    help="also score bird vs fish on pictures with typical and with swapped class cues")
+    ap.add_argument("--cue-swap", nargs="*", metavar="CUES",
+                    help="also score bird vs fish on pictures with typical and with swapped class cues: "
+                         "all cues (no value, or 'all'), or one run per value, each a +-joined list of "
+                         "colour, texture, size, aspect, context")
     ap.add_argument("--paired-only", action="store_true",
                     help="only add the paired bird-vs-other numbers to <out>/ab_eval.json, from the saved maps")
     a = ap.parse_args()
@@ -181,10 +200,11 @@ def main() -> int:
         results["worlds"][w] = r
         f.write_text(json.dumps(results, indent=1))
         print(w, json.dumps(summary(r)), json.dumps(r["distractor"]["by_other_class"]), flush=True)
-    if a.cue_swap:
-        results["cue_swap"] = score_cue_swap(ROOT / a.data, out, pipe, P)
+    for cues in (["all"] if a.cue_swap == [] else a.cue_swap or []):
+        r = score_cue_swap(ROOT / a.data, out, pipe, P, swap=None if cues == "all" else tuple(cues.split("+")))
+        results["cue_swap" if cues == "all" else f"cue_swap-{cues}"] = r
         f.write_text(json.dumps(results, indent=1))
-        print("cue swap", json.dumps(results["cue_swap"]), flush=True)
+        print("cue swap", json.dumps(r), flush=True)
     return 0
 
 

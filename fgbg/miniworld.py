@@ -888,9 +888,15 @@ def random_scene_v2(rng: np.random.Generator, classes: list[str], h: int = 64, w
 
 CUE_SWAP = ("typical", "swapped")
 """The two versions of a cue-swap picture (:func:`cue_swap_pair`)."""
+CUES = ("colour", "texture", "size", "aspect", "context")
+"""The class cues that :func:`cue_swap_pair` can swap."""
+CUE_SWAP_VERSION = 2
+"""Changes when the same arguments of :func:`write_cue_swap_dataset` would draw other pictures
+(recorded in its miniworld.json; 2: the typical picture no longer depends on ``swap``)."""
 
 
-def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64) -> tuple[Scene, Scene]:
+def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64,
+                  swap: tuple[str, ...] = CUES) -> tuple[Scene, Scene]:
     """What does a model's "bird" mean: shape, or the coarse cues that come with birds?
 
     A bird and a fish in one world-v2 picture, twice, with the same shapes, poses, places,
@@ -904,7 +910,15 @@ def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64) -> tuple[S
 
     No camouflage. A model whose "bird" attends to bird shape separates the bird from the
     fish in both versions; one whose "bird" means bird-like colours and surroundings
-    prefers the fish in the swapped version."""
+    prefers the fish in the swapped version.
+
+    ``swap``: which cues the swapped version swaps (default all of :data:`CUES`; e.g.
+    ``("size",)`` swaps the sizes alone, and without "context" both versions share the
+    typical background). The random draws do not depend on it, so every ``swap`` gives the
+    same typical picture."""
+    unknown = set(swap) - set(CUES)
+    if unknown:
+        raise ValueError(f"unknown cues {sorted(unknown)}; known: {', '.join(CUES)}")
     s = min(h, w)
     own = {"bird": [c for c in V2_PALETTES["bird"] if c not in V2_PALETTES["fish"]],
            "fish": [c for c in V2_PALETTES["fish"] if c not in V2_PALETTES["bird"]]}
@@ -912,38 +926,48 @@ def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64) -> tuple[S
                     aspect=round(float(V2_ASPECTS[c] * rng.uniform(0.92, 1.08)), 4), texture=V2_TEXTURE_OF[c])
             for c in ("bird", "fish")}
     other = {"bird": "fish", "fish": "bird"}
-    backgrounds = {"typical": str(rng.choice(V2_CONTEXTS["bird"])), "swapped": "water"}
+    backgrounds = {"typical": str(rng.choice(V2_CONTEXTS["bird"]))}
+    backgrounds["swapped"] = "water" if "context" in swap else backgrounds["typical"]
     seed = int(rng.integers(0, 2**31))
-    horizons = {k: v2_background(bg, h, w, seed)[1] for k, bg in backgrounds.items()}
-    pair: dict[str, Scene] = {}
+    horizons = [v2_background(bg, h, w, seed)[1] for bg in {backgrounds["typical"], "water"}]
+    # the places are drawn until both objects stay mostly visible under every swap of the
+    # cues that change the shapes (size, aspect) and on both backgrounds, so that the draws,
+    # and the typical picture, are the same whatever ``swap`` is
+    geometries = [(sz, asp) for sz in ("size", None) for asp in ("aspect", None)]
     for _ in range(50):
         order = [str(c) for c in rng.permutation(["bird", "fish"])]
         place = {c: dict(cx=float(rng.uniform(0.15, 0.85) * w), cy=float(rng.uniform(0.2, 0.8) * h),
                          angle=float(rng.normal(0, 0.25)), flip=bool(rng.random() < 0.5),
                          pose=int(rng.integers(0, 6))) for c in order}
-        pair = {k: Scene(backgrounds[k], [Obj(cls=c, **cues[c if k == "typical" else other[c]], **place[c])
-                                          for c in order], seed, "v2") for k in CUE_SWAP}
-        if all(_mostly_visible(pair[k], h, w, horizons[k]) is not None for k in CUE_SWAP):
+
+        def version(swapped: tuple, background: str) -> Scene:
+            return Scene(background, [Obj(cls=c, **{cue: cues[other[c] if cue in swapped else c][cue]
+                                                    for cue in cues[c]}, **place[c]) for c in order], seed, "v2")
+        if all(_mostly_visible(version(g, backgrounds["typical"]), h, w, hz) is not None
+               for g in geometries for hz in horizons):
             break
-    return pair["typical"], pair["swapped"]
+    return version((), backgrounds["typical"]), version(tuple(swap), backgrounds["swapped"])
 
 
-def write_cue_swap_dataset(base_dir: str | Path, n: int = 48, size: int = 64, seed: int = 0) -> Path:
+def write_cue_swap_dataset(base_dir: str | Path, n: int = 48, size: int = 64, seed: int = 0,
+                           swap: tuple[str, ...] = CUES) -> Path:
     """Two course-layout datasets of ``n`` pictures each, ``<base_dir>/typical`` and
     ``<base_dir>/swapped``: the versions of the same :func:`cue_swap_pair` pictures, as test
     images with the bird's mask in segmentations/ and the fish's in distractors/ (so the
-    course's bird-vs-other scoring applies). Same arguments, same bytes."""
+    course's bird-vs-other scoring applies). ``swap``: the cues swapped (see
+    :func:`cue_swap_pair`). Same arguments, same bytes."""
     base = Path(base_dir)
     rng = np.random.default_rng([seed, 15])  # a stream of its own (course 1/10/4/14, corpus 2)
     lines: dict[str, dict] = {k: {} for k in CUE_SWAP}
     meta: dict[str, dict] = {k: {} for k in CUE_SWAP}
     for _ in range(n):
-        for k, scene in zip(CUE_SWAP, cue_swap_pair(rng, size, size)):
+        for k, scene in zip(CUE_SWAP, cue_swap_pair(rng, size, size, tuple(swap))):
             _write_course_image(base / k, "distractor", 0, scene, size, lines[k], meta[k])
     for k in CUE_SWAP:
         _write_course_lists(base / k, lines[k], meta[k])
         atomic_write_text(base / k / "miniworld.json", json.dumps(
-            dict(kind="cue_swap", version=k, n=n, size=size, seed=seed, world="v2"), indent=1))
+            dict(kind="cue_swap", version=k, swap=list(swap), n=n, size=size, seed=seed, world="v2",
+                 generator=CUE_SWAP_VERSION), indent=1))
     return base
 
 

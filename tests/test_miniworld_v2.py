@@ -193,3 +193,24 @@ def test_cue_swap_pairs_change_the_cues_and_nothing_else(tmp_path):
         ba = [o for o in a[rel]["objects"] if o["cls"] == "bird"][0]
         bb = [o for o in b[rel]["objects"] if o["cls"] == "bird"][0]
         assert (ba["cx"], ba["cy"], ba["pose"]) == (bb["cx"], bb["cy"], bb["pose"])
+
+
+def test_a_cue_swap_of_some_cues_keeps_the_typical_picture_and_the_other_cues():
+    full = mw.cue_swap_pair(np.random.default_rng(8))
+    typical, size_only = mw.cue_swap_pair(np.random.default_rng(8), swap=("size",))
+    assert typical == full[0]  # the same draws whatever is swapped
+    assert size_only.background == typical.background  # context not swapped: same background
+    t = {o.cls: o for o in typical.objects}
+    s = {o.cls: o for o in size_only.objects}
+    assert (s["bird"].size, s["fish"].size) == (t["fish"].size, t["bird"].size)
+    for c in ("bird", "fish"):
+        assert (s[c].colour, s[c].texture, s[c].aspect) == (t[c].colour, t[c].texture, t[c].aspect)
+    with pytest.raises(ValueError, match="unknown cues"):
+        mw.cue_swap_pair(np.random.default_rng(8), swap=("shape",))
+
+
+def test_the_typical_picture_is_the_same_whatever_is_swapped():
+    for seed in (0, 8, 16, 19):  # 8, 16 and 19 redraw the places: a geometry hid an object
+        firsts = {swap: mw.cue_swap_pair(np.random.default_rng(seed), swap=swap)[0]
+                  for swap in [mw.CUES] + [(c,) for c in mw.CUES]}
+        assert len({repr(s) for s in firsts.values()}) == 1

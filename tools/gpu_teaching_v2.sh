@@ -11,7 +11,7 @@
 #   MINUTES=4    UNet budget (--max-minutes: stops cleanly, a rerun resumes)
 #   VAE_FROM=PIPELINE  take that pipeline's VAE instead of training one (--vae-from)
 #   EVAL=1       score the exported model on the v2 course splits (benchmarks/world_v2_baselines.py's
-#                run_world: step-1 AUC, M_pre IoU, bird vs other, M_crop) if time is left
+#                run_world: step-1 AUC, M_pre IoU, bird vs other, M_crop; then ab_world_eval's cue swap)
 #   PACK_TO=DIR  copy logs.tgz, the text encoder and the rest of the pipeline there (each < 16 MB)
 set -u
 OUTD=${1:?usage: bash tools/gpu_teaching_v2.sh OUTDIR}
@@ -57,8 +57,11 @@ t, d = res["test"], res["distractor"]
 print(json.dumps({"step1_auc": t["step1_auc"], "m_pre_iou": t["prelim"]["iou"], "m_crop_iou": t["crop"]["iou"],
                   "bird_vs_other": d["bird_vs_distractor_auc"]}))
 (Path(sys.argv[2]) / "eval_v2.json").write_text(json.dumps(res, indent=1))
+from ab_world_eval import score_cue_swap  # what its "bird" means: the same pictures, typical and swapped cues
+cs = score_cue_swap(Path(sys.argv[2]) / "eval" / "data", Path(sys.argv[2]) / "eval", pipe, P)
+print(json.dumps({"cue_swap": cs}))
 PY
-  tail -1 "$OUTD/eval.log"; echo "evaluation done at $(( $(date +%s) - t0 )) s"
+  tail -2 "$OUTD/eval.log"; echo "evaluation done at $(( $(date +%s) - t0 )) s"
 fi
 if [ -n "${PACK_TO:-}" ]; then
   mkdir -p "$PACK_TO"
