@@ -929,11 +929,11 @@ def cue_swap_pair(rng: np.random.Generator, h: int = 64, w: int = 64,
     backgrounds = {"typical": str(rng.choice(V2_CONTEXTS["bird"]))}
     backgrounds["swapped"] = "water" if "context" in swap else backgrounds["typical"]
     seed = int(rng.integers(0, 2**31))
-    horizons = [v2_background(bg, h, w, seed)[1] for bg in {backgrounds["typical"], "water"}]
+    horizons = [v2_background(bg, h, w, seed)[1] for bg in (backgrounds["typical"], "water")]
     # the places are drawn until both objects stay mostly visible under every swap of the
     # cues that change the shapes (size, aspect) and on both backgrounds, so that the draws,
     # and the typical picture, are the same whatever ``swap`` is
-    geometries = [(sz, asp) for sz in ("size", None) for asp in ("aspect", None)]
+    geometries = [(), ("size",), ("aspect",), ("size", "aspect")]
     for _ in range(50):
         order = [str(c) for c in rng.permutation(["bird", "fish"])]
         place = {c: dict(cx=float(rng.uniform(0.15, 0.85) * w), cy=float(rng.uniform(0.2, 0.8) * h),
