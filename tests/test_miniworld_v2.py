@@ -180,7 +180,7 @@ def test_cue_swap_pairs_change_the_cues_and_nothing_else(tmp_path):
         for scene in (typical, swapped):  # both objects stay mostly visible in both versions
             _, masks = mw.render(scene)
             assert all(m.sum() >= 20 for m in masks)
-    # the written pair of datasets: the same pictures' masks where the shapes are the same
+    # the written pair of datasets: course distractor sets of the same pictures, version by version
     mw.write_cue_swap_dataset(tmp_path / "cs", n=3)
     for k in mw.CUE_SWAP:
         ds = load_dataset(tmp_path / "cs" / k, splits=["test"])

@@ -208,8 +208,8 @@ viz.show_row(shown, shared=True, label="attention probability");
 # cues and 0.74 with swapped ones: its map of *bird* goes to the orange or yellow, larger
 # object, whichever class it is. But the untrained network does nearly the same, 0.31 and
 # 0.64: the conspicuous object stands out in the VAE's latents, and even random
-# attention weights single it out. Swapping the colour alone moves the untrained network by +0.33, the
-# texture alone by +0.00. What training added is the difference to the untrained network:
+# attention weights single it out. Swapping the colour alone moves the untrained network
+# by +0.33, the texture alone by +0.00. What training added is the difference to the untrained network:
 # +0.05 for the bird with typical cues, +0.11 with swapped ones, a weak preference for the
 # bird on top of "the conspicuous object". The teaching model was trained on world v1,
 # where every class comes in every colour and size; at the noise levels where the caption
