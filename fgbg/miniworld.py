@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -462,33 +463,44 @@ def write_cub_like(root: str | Path, n_train: int = 4, n_test: int = 4, h: int =
     return base
 
 
-def corpus_scene(rng: np.random.Generator, size: int = 64, world: str = "v1") -> Scene:
-    """A scene of the teaching model's corpus: 0-3 objects, birds the main class."""
+CORPUS_BIRD_SHARE = 0.5
+"""The teaching corpus's default share of birds among its objects (the rest: the other
+classes, equally often)."""
+
+
+def corpus_scene(rng: np.random.Generator, size: int = 64, world: str = "v1",
+                 bird_share: float = CORPUS_BIRD_SHARE) -> Scene:
+    """A scene of the teaching model's corpus: 0-3 objects, each a bird with probability
+    ``bird_share`` (default: birds the main class; ``1 / len(OBJECTS)``: every class
+    equally often). The number of objects in a scene does not depend on ``bird_share``."""
+    if not 0.0 <= bird_share <= 1.0:
+        raise ValueError(f"bird_share must be in [0, 1], got {bird_share!r}")
     n = int(rng.choice([0, 1, 2, 3], p=[0.06, 0.44, 0.35, 0.15]))
-    classes = [("bird" if rng.random() < 0.5 else str(rng.choice(DISTRACTORS))) for _ in range(n)]
+    classes = [("bird" if rng.random() < bird_share else str(rng.choice(DISTRACTORS))) for _ in range(n)]
     return (random_scene_v2 if _check_world(world) == "v2" else random_scene)(rng, classes, size, size)
 
 
 def make_corpus(n: int, size: int = 64, seed: int = 0, start: int = 0,
-                world: str = "v1") -> tuple[np.ndarray, list[Scene]]:
+                world: str = "v1", bird_share: float = CORPUS_BIRD_SHARE) -> tuple[np.ndarray, list[Scene]]:
     """Images (n, size, size, 3) uint8 and scenes of the teaching corpus, items start..start+n.
 
     Item i is drawn from its own seed, so any slice of the corpus can be made on its own,
     and the corpus never shares a seed stream with the course dataset. ``world`` "v2":
-    world v2 scenes, from stream 12 instead of 2.
+    world v2 scenes, from stream 12 instead of 2. ``bird_share``: see :func:`corpus_scene`.
     """
     imgs = np.empty((n, size, size, 3), np.uint8)
     scenes = []
     stream = 12 if _check_world(world) == "v2" else 2
     for k in range(n):
         rng = np.random.default_rng([seed, stream, start + k])
-        scene = corpus_scene(rng, size, world)
+        scene = corpus_scene(rng, size, world, bird_share)
         imgs[k] = render(scene, size, size)[0]
         scenes.append(scene)
     return imgs, scenes
 
 
-def write_corpus(out: str | Path, n: int, size: int = 64, seed: int = 0, workers: int = 1, world: str = "v1") -> Path:
+def write_corpus(out: str | Path, n: int, size: int = 64, seed: int = 0, workers: int = 1, world: str = "v1",
+                 bird_share: float = CORPUS_BIRD_SHARE) -> Path:
     """Write the captioned corpus: ``images.npy`` (n, size, size, 3) and ``scenes.jsonl``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,11 +509,12 @@ def write_corpus(out: str | Path, n: int, size: int = 64, seed: int = 0, workers
         chunk = (n + workers - 1) // workers
         with ProcessPoolExecutor(workers) as ex:
             parts = list(ex.map(make_corpus, [min(chunk, n - s) for s in range(0, n, chunk)],
-                                [size] * workers, [seed] * workers, list(range(0, n, chunk)), [world] * workers))
+                                [size] * workers, [seed] * workers, list(range(0, n, chunk)), [world] * workers,
+                                [bird_share] * workers))
         imgs = np.concatenate([p[0] for p in parts])
         scenes = [s for p in parts for s in p[1]]
     else:
-        imgs, scenes = make_corpus(n, size, seed, world=world)
+        imgs, scenes = make_corpus(n, size, seed, world=world, bird_share=bird_share)
     tmp = out / "images.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, imgs)
@@ -997,6 +1010,8 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--workers", type=int, default=1)
     k.add_argument("--world", choices=WORLDS, default="v1", help="v2: class cues and cluttered scenes")
+    k.add_argument("--bird-share", type=lambda v: float(Fraction(v)), default=CORPUS_BIRD_SHARE,
+                   help=f"share of birds among the objects (default {CORPUS_BIRD_SHARE}; 1/6: every class equally often)")
     a = p.parse_args(argv)
     if a.cmd == "course":
         write_course_dataset(a.base_dir, a.n_train, a.n_val, a.n_test, a.n_distractor, a.size, a.seed, a.world)
@@ -1005,7 +1020,7 @@ def main(argv: list[str] | None = None) -> None:
         base = write_cub_like(a.root, a.n_train, a.n_test, a.height, a.width, a.seed)
         print(f"wrote {a.n_train + a.n_test} images in the CUB layout to {base}")
     else:
-        write_corpus(a.out, a.n, a.size, a.seed, a.workers, a.world)
+        write_corpus(a.out, a.n, a.size, a.seed, a.workers, a.world, a.bird_share)
         print(f"wrote {a.n} captioned images to {a.out}")
 
 

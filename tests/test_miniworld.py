@@ -102,6 +102,25 @@ def test_corpus_is_sliceable_and_disjoint_from_course():
     assert all(s.seed != course_scene.seed for s in scenes)
 
 
+def test_corpus_bird_share_changes_classes_only():
+    def scenes(share, n=300):
+        return [mw.corpus_scene(np.random.default_rng([0, 2, k]), 32, bird_share=share) for k in range(n)]
+    half, none, every, sixth = scenes(0.5), scenes(0.0), scenes(1.0), scenes(1 / 6)
+    # the same number of objects in every scene, whatever the share
+    for other in (none, every, sixth):
+        assert [len(s.objects) for s in other] == [len(s.objects) for s in half]
+    assert all(o.cls != "bird" for s in none for o in s.objects)
+    assert all(o.cls == "bird" for s in every for o in s.objects)
+    objs = [o.cls for s in sixth for o in s.objects]
+    share = objs.count("bird") / len(objs)
+    assert abs(share - 1 / 6) < 0.05 and abs([o.cls for s in half for o in s.objects].count("bird") / len(objs) - 0.5) < 0.06
+    # the default is the corpus as it always was: item k drawn from stream [seed, 2, k]
+    default_imgs, default_scenes = mw.make_corpus(3, size=32, seed=0)
+    assert [s.to_json() for s in default_scenes] == [s.to_json() for s in scenes(0.5, 3)]
+    with pytest.raises(ValueError, match="bird_share"):
+        mw.corpus_scene(np.random.default_rng(0), bird_share=1.5)
+
+
 def test_cub_like_dataset_loads_as_official_cub(tmp_path):
     from fgbg.data import load_dataset, read_image, read_mask
     from fgbg.miniworld import write_cub_like

@@ -1,0 +1,122 @@
+"""Where in the teaching model does "bird" stop meaning "an object here"? A diagnostic of
+docs/teaching_model.md, on the distractor split (bird + one other object) of a course world.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/word_specificity.py \
+        --model fgbg/assets/teaching-model --world v2 --out runs/wordspec/shipped
+
+Step 1 exactly as the course runs it (default parameters, the same noise per image), but
+with the maps kept per noise level and per layer resolution, and once more with the other
+object's word in the prompt ("a photo of a car"). Per model, and for the untrained network
+(``fgbg.course.untrained_copy``):
+
+- ``bird_vs_other``: the course's number (the "bird" map, mean over levels and layers,
+  ranking the bird's pixels above the other object's);
+- ``by_level``: the same from one quarter of the noise levels at a time (high noise first);
+- ``by_resolution``: the same from the layers of one resolution only;
+- ``other_word``: the map of the other object's word, ranking *its* object above the bird;
+- ``word_contrast``: the "bird" map minus the other word's map (same image, same noise),
+  ranking the bird above the other object. Near 0.5: the two words draw the same map, so
+  the word carries no class. High while ``bird_vs_other`` is low: the class is in the word,
+  but a shared "object here" part of the map outweighs it.
+
+None of this changes the course's evaluation; it says what limits it. Writes
+``<out>/word_specificity.json`` and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _auc(m, pos, neg):
+    from fgbg.metrics import separation_auc
+    return separation_auc(m, pos, neg)
+
+
+def score(pipe, items, scenes: dict, P: dict) -> dict:
+    import torch
+    from fgbg.attention import compute_attention_maps, find_token_indices, seed_for
+    from fgbg.data import load_item, map_back, read_mask
+    from fgbg.models import canvas_size
+    canvas = canvas_size(pipe)
+    per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast")}
+    by_level, by_res = {}, {}
+    for it in items:
+        others = [o["cls"] for o in scenes[it.rel]["objects"] if o["cls"] != "bird"]
+        if len(set(others)) != 1:
+            continue
+        other = others[0]
+        x, pl, _ = load_item(it, canvas=canvas, mode=P["resize_mode"])
+        shape = (pl.height, pl.width)
+        gt, dis = read_mask(it.gt_path, shape), read_mask(it.distractor_path, shape)
+        dis = dis & ~gt
+        if not gt.any() or not dis.any():
+            continue
+        maps = {}
+        for word in ("bird", other):
+            prompt = f"a photo of a {word}"
+            tok = find_token_indices(pipe.tokenizer, prompt, word)
+            g = torch.Generator().manual_seed(seed_for(P["seed"], it.key))  # the course's noise for this image
+            maps[word] = (compute_attention_maps(pipe, x[None].to(pipe.unet.dtype), prompt, P["rev_diff_steps"],
+                                                 P["num_inference_steps"], P["num_repeat_each_diffusion_step"],
+                                                 by_level=True, unet_batch=P["unet_batch"], generator=g), tok)
+        mb, tb = maps["bird"]
+        mo, to = maps[other]
+        back = lambda a: map_back(a.numpy(), pl, "bilinear")  # noqa: E731
+        bird = back(mb.mean()[0, tb].sum(0))
+        oth = back(mo.mean()[0, to].sum(0))
+        per["bird_vs_other"].append(_auc(bird, gt, dis))
+        per["other_word"].append(_auc(oth, dis, gt))
+        per["word_contrast"].append(_auc(bird - oth, gt, dis))
+        L = len(mb.timesteps)
+        for q in range(4):
+            lv = slice(q * L // 4, (q + 1) * L // 4)
+            key = f"t {mb.timesteps[lv.start]}-{mb.timesteps[lv.stop - 1]}"
+            by_level.setdefault(key, []).append(_auc(back(mb.mean(lv)[0, tb].sum(0)), gt, dis))
+        for r in mb.resolutions:
+            by_res.setdefault(f"{r}x{r}", []).append(_auc(back(mb.mean(resolutions=[r])[0, tb].sum(0)), gt, dis))
+    mean = lambda v: round(float(np.mean(v)), 4)  # noqa: E731
+    out = {k: mean(v) for k, v in per.items()}
+    out["n"] = len(per["bird_vs_other"])
+    out["by_level"] = {k: mean(v) for k, v in by_level.items()}
+    out["by_resolution"] = {k: mean(v) for k, v in by_res.items()}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--world", default="v2")
+    ap.add_argument("--data", default="runs/ab/data", help="course datasets, one folder per world")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--no-untrained", action="store_true")
+    a = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    from fgbg import course, evaluate, miniworld, models, params
+    from fgbg.data import load_dataset
+    P = params.defaults()
+    base = ROOT / a.data / a.world
+    if not (base / "images.txt").is_file():
+        miniworld.write_course_dataset(base, n_train=miniworld.FIRST_TRAIN, world=a.world)
+    items = evaluate.split_subsets(load_dataset(base, splits=["test"]))["distractor"]
+    scenes = json.loads((base / "scenes.json").read_text())
+    pipe = models.load_pipeline(a.model, "cpu", P["dtype"])
+    res = {"model": a.model, "world": a.world, "model_scores": score(pipe, items, scenes, P)}
+    if not a.no_untrained:
+        res["untrained"] = score(course.untrained_copy(pipe, seed=P["seed"]), items, scenes, P)
+    out = ROOT / a.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "word_specificity.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
