@@ -501,7 +501,8 @@ def make_corpus(n: int, size: int = 64, seed: int = 0, start: int = 0,
 
 def write_corpus(out: str | Path, n: int, size: int = 64, seed: int = 0, workers: int = 1, world: str = "v1",
                  bird_share: float = CORPUS_BIRD_SHARE) -> Path:
-    """Write the captioned corpus: ``images.npy`` (n, size, size, 3) and ``scenes.jsonl``."""
+    """Write the captioned corpus: ``images.npy`` (n, size, size, 3), ``scenes.jsonl`` and
+    ``corpus.json`` (:func:`corpus_record`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if workers > 1:
@@ -520,7 +521,16 @@ def write_corpus(out: str | Path, n: int, size: int = 64, seed: int = 0, workers
         np.save(f, imgs)
     tmp.replace(out / "images.npy")
     atomic_write_text(out / "scenes.jsonl", "".join(json.dumps(s.to_json()) + "\n" for s in scenes))
+    atomic_write_text(out / "corpus.json", json.dumps(corpus_record(n, size, seed, world, bird_share)))
     return out
+
+
+def corpus_record(n: int, size: int = 64, seed: int = 0, world: str = "v1",
+                  bird_share: float = CORPUS_BIRD_SHARE) -> dict:
+    """What a corpus is made from (``corpus.json`` beside its scenes; a teaching pipeline
+    trained on it records it too)."""
+    return {"kind": "corpus", "n": n, "size": size, "seed": seed, "world": _check_world(world),
+            "bird_share": bird_share}
 
 
 def load_corpus(path: str | Path) -> tuple[np.ndarray, list[Scene]]:

@@ -365,6 +365,8 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
             record["continued_from"] = json.loads((out / "init_from.json").read_text())
         if (out / "vae_from.json").exists():  # a fresh UNet on a saved pipeline's VAE
             record["vae_from"] = json.loads((out / "vae_from.json").read_text())
+        if (out / "corpus" / "corpus.json").exists():  # what the corpus was made from
+            record["corpus"] = json.loads((out / "corpus" / "corpus.json").read_text())
         (Path(save_to) / "fgbg_teaching.json").write_text(json.dumps(record, indent=1))
     return pipe
 

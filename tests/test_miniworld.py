@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -119,6 +121,14 @@ def test_corpus_bird_share_changes_classes_only():
     assert [s.to_json() for s in default_scenes] == [s.to_json() for s in scenes(0.5, 3)]
     with pytest.raises(ValueError, match="bird_share"):
         mw.corpus_scene(np.random.default_rng(0), bird_share=1.5)
+
+
+def test_corpus_records_what_it_is_made_from(tmp_path):
+    out = mw.write_corpus(tmp_path / "c", 3, size=32, seed=4, bird_share=0.0)
+    rec = json.loads((out / "corpus.json").read_text())
+    assert rec == {"kind": "corpus", "n": 3, "size": 32, "seed": 4, "world": "v1", "bird_share": 0.0}
+    _, scenes = mw.load_corpus(out)
+    assert len(scenes) == 3 and all(o.cls != "bird" for s in scenes for o in s.objects)
 
 
 def test_cub_like_dataset_loads_as_official_cub(tmp_path):

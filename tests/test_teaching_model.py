@@ -70,7 +70,8 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     assert pipe.unet.config.block_out_channels == list(tm.TeachingConfig().unet_channels) or \
         tuple(pipe.unet.config.block_out_channels) == tm.TeachingConfig().unet_channels
     assert pipe.text_encoder.config.num_hidden_layers == 0
-    assert json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())["unet_steps"] == 3
+    rec = json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())
+    assert rec["unet_steps"] == 3 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
     # export reads the folder's recorded configuration
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
     assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 3

@@ -8,6 +8,7 @@
 #
 # Environment (defaults = the shipped recipe):
 #   W=/tmp/tv2w  work folder    CORPUS=30000  WORKERS=16  VAE_STEPS=2000  STEPS=2000  BATCH=1024
+#   BIRD_SHARE=0.5  share of birds among the corpus's objects (miniworld corpus --bird-share; 1/6: all classes alike)
 #   MINUTES=4    UNet budget (--max-minutes: stops cleanly, a rerun resumes)
 #   VAE_FROM=PIPELINE  take that pipeline's VAE instead of training one (--vae-from)
 #   EVAL=1       score the exported model on the v2 course splits (benchmarks/world_v2_baselines.py's
@@ -17,7 +18,7 @@ set -u
 OUTD=${1:?usage: bash tools/gpu_teaching_v2.sh OUTDIR}
 W=${W:-/tmp/tv2w}
 CORPUS=${CORPUS:-30000}; WORKERS=${WORKERS:-16}; VAE_STEPS=${VAE_STEPS:-2000}
-STEPS=${STEPS:-2000}; BATCH=${BATCH:-1024}; MINUTES=${MINUTES:-4}; DEV=()
+STEPS=${STEPS:-2000}; BATCH=${BATCH:-1024}; MINUTES=${MINUTES:-4}; DEV=(); BIRD_SHARE=${BIRD_SHARE:-0.5}
 if [ "${DRY:-0}" = 1 ]; then
   CORPUS=64; WORKERS=2; VAE_STEPS=2; STEPS=3; BATCH=8; MINUTES=2; DEV=(--device cpu --threads 1)
 fi
@@ -27,8 +28,20 @@ mkdir -p "$W" "$OUTD"
 t0=$(date +%s)
 if [ ! -f "$W/corpus/scenes.jsonl" ]; then
   $PY -m fgbg.miniworld corpus "$W/corpus" -n "$CORPUS" --seed 0 --size 64 --world v2 --workers "$WORKERS" \
-      > "$OUTD/corpus.log" 2>&1 || { tail -30 "$OUTD/corpus.log"; exit 1; }
+      --bird-share "$BIRD_SHARE" > "$OUTD/corpus.log" 2>&1 || { tail -30 "$OUTD/corpus.log"; exit 1; }
 fi
+# a corpus left in $W by another call must be the one asked for
+$PY - "$W/corpus/corpus.json" "$CORPUS" "$BIRD_SHARE" <<'PYEOF' || exit 1
+import json, sys
+from fractions import Fraction
+from pathlib import Path
+from fgbg.miniworld import corpus_record
+f = Path(sys.argv[1])
+want = corpus_record(int(sys.argv[2]), 64, 0, "v2", float(Fraction(sys.argv[3])))
+have = json.loads(f.read_text()) if f.is_file() else None
+if have != want:
+    sys.exit(f"{f.parent}: holds another corpus ({have}); wanted {want}: use another W or delete it")
+PYEOF
 echo "v2 corpus ($CORPUS scenes) at $(( $(date +%s) - t0 )) s"
 VF=(); [ -n "${VAE_FROM:-}" ] && VF=(--vae-from "$VAE_FROM")
 # the VAE batch and steps of the shipped recipe; prepare keeps the corpus written above
