@@ -1,4 +1,4 @@
-"""Where in the teaching model does "bird" stop meaning "an object here"? A diagnostic of
+"""Why is the teaching model's bird vs other low: is the class in the word? A diagnostic of
 docs/teaching_model.md, on the distractor split (bird + one other object) of a course world.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/word_specificity.py \
@@ -17,7 +17,10 @@ object's word in the prompt ("a photo of a car"). Per model, and for the untrain
 - ``word_contrast``: the "bird" map minus the other word's map (same image, same noise),
   ranking the bird above the other object. Near 0.5: the two words draw the same map, so
   the word carries no class. High while ``bird_vs_other`` is low: the class is in the word,
-  but a shared "object here" part of the map outweighs it.
+  but a shared "object here" part of the map outweighs it;
+- ``by_size``: the three, on the images where the bird is the larger object and where it is
+  the smaller one (areas in pixels of the exact masks), and their Spearman correlation with
+  log(bird area / other area); ``images``: every image's numbers.
 
 None of this changes the course's evaluation; it says what limits it. Writes
 ``<out>/word_specificity.json`` and prints it.
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     from fgbg.models import canvas_size
     canvas = canvas_size(pipe)
     per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast")}
-    by_level, by_res = {}, {}
+    by_level, by_res, images = {}, {}, []
     for it in items:
         others = [o["cls"] for o in scenes[it.rel]["objects"] if o["cls"] != "bird"]
         if len(set(others)) != 1:
@@ -74,6 +76,8 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
         per["bird_vs_other"].append(_auc(bird, gt, dis))
         per["other_word"].append(_auc(oth, dis, gt))
         per["word_contrast"].append(_auc(bird - oth, gt, dis))
+        images.append({"key": it.key, "other": other, "bird_pixels": int(gt.sum()), "other_pixels": int(dis.sum()),
+                       **{k: round(v[-1], 4) for k, v in per.items()}})
         L = len(mb.timesteps)
         for q in range(4):
             lv = slice(q * L // 4, (q + 1) * L // 4)
@@ -86,6 +90,17 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     out["n"] = len(per["bird_vs_other"])
     out["by_level"] = {k: mean(v) for k, v in by_level.items()}
     out["by_resolution"] = {k: mean(v) for k, v in by_res.items()}
+    # the objects' areas: is the map of a word about its class, or about the larger object?
+    bigger = [im for im in images if im["bird_pixels"] > im["other_pixels"]]
+    smaller = [im for im in images if im["bird_pixels"] <= im["other_pixels"]]
+    out["by_size"] = {name: {"n": len(g), **({k: mean([im[k] for im in g]) for k in per} if g else {})}
+                      for name, g in (("bird larger", bigger), ("bird smaller", smaller))}
+    if len(images) > 2:
+        from scipy.stats import spearmanr
+        ratio = [np.log(im["bird_pixels"] / im["other_pixels"]) for im in images]
+        out["spearman_with_log_area_ratio"] = {k: round(float(spearmanr(ratio, [im[k] for im in images])[0]), 3)
+                                               for k in per}
+    out["images"] = images
     return out
 
 
