@@ -994,6 +994,17 @@ def write_cue_swap_dataset(base_dir: str | Path, n: int = 48, size: int = 64, se
     return base
 
 
+def _share(text: str) -> float:
+    """A share on the command line: a number or a fraction such as 1/6, in [0, 1]."""
+    try:
+        v = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction such as 1/6") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return v
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fgbg.miniworld", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1020,7 +1031,7 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--workers", type=int, default=1)
     k.add_argument("--world", choices=WORLDS, default="v1", help="v2: class cues and cluttered scenes")
-    k.add_argument("--bird-share", type=lambda v: float(Fraction(v)), default=CORPUS_BIRD_SHARE,
+    k.add_argument("--bird-share", type=_share, default=CORPUS_BIRD_SHARE,
                    help=f"share of birds among the objects (default {CORPUS_BIRD_SHARE}; 1/6: every class equally often)")
     a = p.parse_args(argv)
     if a.cmd == "course":

@@ -121,6 +121,9 @@ def test_corpus_bird_share_changes_classes_only():
     assert [s.to_json() for s in default_scenes] == [s.to_json() for s in scenes(0.5, 3)]
     with pytest.raises(ValueError, match="bird_share"):
         mw.corpus_scene(np.random.default_rng(0), bird_share=1.5)
+    for bad in ("1.5", "1/0", "half"):  # the command line refuses it before writing anything
+        with pytest.raises(SystemExit):
+            mw.main(["corpus", "/nonexistent/never-written", "-n", "1", "--bird-share", bad])
 
 
 def test_corpus_records_what_it_is_made_from(tmp_path):
