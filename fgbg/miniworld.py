@@ -533,6 +533,22 @@ def corpus_record(n: int, size: int = 64, seed: int = 0, world: str = "v1",
             "bird_share": bird_share}
 
 
+def check_corpus(path: str | Path, want: dict) -> None:
+    """Refuse a corpus folder that was not made from ``want`` (a :func:`corpus_record`):
+    a ``ValueError`` naming each setting that differs. A corpus without ``corpus.json``
+    (written before corpora recorded their settings) is refused too: what it was made from
+    cannot be known."""
+    f = Path(path) / "corpus.json"
+    if not f.is_file():
+        raise ValueError(f"{f.parent} has no corpus.json, so what it was made from is unknown; "
+                         f"delete the folder to write it anew")
+    have = json.loads(f.read_text())
+    diff = [f"{k} {have.get(k)!r} (wanted {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"{f.parent} holds another corpus: " + ", ".join(diff)
+                         + "; use another folder or delete it")
+
+
 def load_corpus(path: str | Path) -> tuple[np.ndarray, list[Scene]]:
     path = Path(path)
     imgs = np.load(path / "images.npy", mmap_mode="r")
@@ -994,7 +1010,7 @@ def write_cue_swap_dataset(base_dir: str | Path, n: int = 48, size: int = 64, se
     return base
 
 
-def _share(text: str) -> float:
+def parse_share(text: str) -> float:
     """A share on the command line: a number or a fraction such as 1/6, in [0, 1]."""
     try:
         v = float(Fraction(text))
@@ -1031,7 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--workers", type=int, default=1)
     k.add_argument("--world", choices=WORLDS, default="v1", help="v2: class cues and cluttered scenes")
-    k.add_argument("--bird-share", type=_share, default=CORPUS_BIRD_SHARE,
+    k.add_argument("--bird-share", type=parse_share, default=CORPUS_BIRD_SHARE,
                    help=f"share of birds among the objects (default {CORPUS_BIRD_SHARE}; 1/6: every class equally often)")
     a = p.parse_args(argv)
     if a.cmd == "course":

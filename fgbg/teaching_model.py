@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write_text
+from .miniworld import CORPUS_BIRD_SHARE, WORLDS, parse_share
 # the parts it shares with fgbg.models (which it never imports): see fgbg.sd_parts
 from .sd_parts import (ASSET_DIR, CLIP_TOKENIZER_DIR, SCALED_LINEAR, TeachingConfig,  # noqa: F401
                        build_text_encoder, build_unet, build_vae, load_tokenizer, pick_device)
@@ -411,9 +412,12 @@ def pipeline_weights(folder: str | Path) -> tuple[dict, dict]:
 
 
 def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, device: str | None = None,
-            vae_batch: int = 32, init_from: str | Path | None = None, vae_from: str | Path | None = None) -> None:
+            vae_batch: int = 32, init_from: str | Path | None = None, vae_from: str | Path | None = None,
+            world: str = "v1", bird_share: float = CORPUS_BIRD_SHARE) -> None:
     """Corpus, tokenizer files, VAE and the encoded latents: everything the UNet trains on.
-    Each part is skipped when it is already there. ``init_from``: take the VAE, and the
+    Each part is skipped when it is already there; a corpus already there must have been
+    made from ``corpus_size``, the image size, the seed, ``world`` and ``bird_share``
+    (its ``corpus.json``), else it is refused. ``init_from``: take the VAE, and the
     latents' scaling factor, from this saved pipeline instead of training a new VAE, so
     that its UNet sees the latents it was trained on. ``vae_from``: the same for the VAE
     alone (recorded as ``vae_from.json``); the UNet and text encoder then start from scratch."""
@@ -436,9 +440,14 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                  "unet_steps": json.loads(record.read_text()).get("unet_steps") if record.exists() else None}))
             _save_ckpt(work / "vae_ckpt.pt", {"model": vae.state_dict(), "opt": None, "step": vae_steps,
                                               "scaling_factor": float(vae.config.scaling_factor)})
+    from .miniworld import check_corpus, corpus_record, write_corpus
     if not (work / "corpus" / "scenes.jsonl").exists():
-        from .miniworld import write_corpus
-        write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)))
+        write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)),
+                     world=world, bird_share=bird_share)
+    try:  # a corpus already there (left by an earlier run, or copied in) must be the one asked for
+        check_corpus(work / "corpus", corpus_record(corpus_size, cfg.image_size, cfg.seed, world, bird_share))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not (work / "tokenizer" / "vocab.json").exists():
         (work / "tokenizer").mkdir(parents=True, exist_ok=True)
         if (CLIP_TOKENIZER_DIR / "vocab.json").exists():  # the shipped copy of the CLIP BPE files
@@ -472,6 +481,9 @@ def main(argv=None):
         q.add_argument("--device", default=None)
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--world", default="v1", choices=WORLDS, help="the mini world of the corpus")
+        q.add_argument("--bird-share", type=parse_share, default=CORPUS_BIRD_SHARE,
+                       help="share of birds among the corpus's objects (a number or a fraction such as 1/6)")
         q.add_argument("--vae-from", default=None, metavar="PIPELINE",
                        help="take only the VAE (and its latent scaling factor) of a saved teaching pipeline; "
                             "the UNet and text embeddings train from scratch")
@@ -501,7 +513,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     init_from = getattr(a, "init_from", None)
-    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch, init_from=init_from, vae_from=a.vae_from)
+    prepare(work, cfg, a.corpus_size, a.vae_steps, a.device, a.vae_batch, init_from=init_from, vae_from=a.vae_from,
+            world=a.world, bird_share=a.bird_share)
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,

@@ -130,6 +130,12 @@ def test_corpus_records_what_it_is_made_from(tmp_path):
     out = mw.write_corpus(tmp_path / "c", 3, size=32, seed=4, bird_share=0.0)
     rec = json.loads((out / "corpus.json").read_text())
     assert rec == {"kind": "corpus", "n": 3, "size": 32, "seed": 4, "world": "v1", "bird_share": 0.0}
+    mw.check_corpus(out, mw.corpus_record(3, 32, 4, "v1", 0.0))  # its own settings pass
+    with pytest.raises(ValueError, match=r"seed 4 \(wanted 5\), world 'v1' \(wanted 'v2'\)"):
+        mw.check_corpus(out, mw.corpus_record(3, 32, 5, "v2", 0.0))
+    (out / "corpus.json").unlink()  # a corpus that does not say what it was made from
+    with pytest.raises(ValueError, match="no corpus.json"):
+        mw.check_corpus(out, mw.corpus_record(3, 32, 4, "v1", 0.0))
     _, scenes = mw.load_corpus(out)
     assert len(scenes) == 3 and all(o.cls != "bird" for s in scenes for o in s.objects)
 

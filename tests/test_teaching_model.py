@@ -63,6 +63,12 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     tm.main(["train", *args, "--steps", "3", "--batch", "4"])
     log = [json.loads(line) for line in (work / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 3]
+    # a corpus made from other settings is refused, not silently trained on
+    for other, what in ((["--world", "v2"], "world 'v1' \\(wanted 'v2'\\)"),
+                        (["--bird-share", "1/6"], "bird_share 0.5 \\(wanted 0.1666"),
+                        (["--corpus-size", "13"], "n 12 \\(wanted 13\\)")):
+        with pytest.raises(SystemExit, match=what):
+            tm.main(["prepare", *args, *other])
     # another shape in the same work folder is refused, not silently loaded
     with pytest.raises(SystemExit, match="unet_channels"):
         tm.main(["train", *args, "--steps", "3", "--unet-channels", "32,32,64"])

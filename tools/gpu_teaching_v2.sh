@@ -30,25 +30,15 @@ if [ ! -f "$W/corpus/scenes.jsonl" ]; then
   $PY -m fgbg.miniworld corpus "$W/corpus" -n "$CORPUS" --seed 0 --size 64 --world v2 --workers "$WORKERS" \
       --bird-share "$BIRD_SHARE" > "$OUTD/corpus.log" 2>&1 || { tail -30 "$OUTD/corpus.log"; exit 1; }
 fi
-# a corpus left in $W by another call must be the one asked for
-$PY - "$W/corpus/corpus.json" "$CORPUS" "$BIRD_SHARE" <<'PYEOF' || exit 1
-import json, sys
-from fractions import Fraction
-from pathlib import Path
-from fgbg.miniworld import corpus_record
-f = Path(sys.argv[1])
-want = corpus_record(int(sys.argv[2]), 64, 0, "v2", float(Fraction(sys.argv[3])))
-have = json.loads(f.read_text()) if f.is_file() else None
-if have != want:
-    sys.exit(f"{f.parent}: holds another corpus ({have}); wanted {want}: use another W or delete it")
-PYEOF
 echo "v2 corpus ($CORPUS scenes) at $(( $(date +%s) - t0 )) s"
 VF=(); [ -n "${VAE_FROM:-}" ] && VF=(--vae-from "$VAE_FROM")
-# the VAE batch and steps of the shipped recipe; prepare keeps the corpus written above
-$PY -m fgbg.teaching_model prepare --work "$W" --corpus-size "$CORPUS" --vae-steps "$VAE_STEPS" "${VF[@]}" \
+CW=(--world v2 --bird-share "$BIRD_SHARE")
+# the VAE batch and steps of the shipped recipe; prepare keeps the corpus written above and
+# refuses one (left in $W by another call) whose corpus.json says other settings
+$PY -m fgbg.teaching_model prepare --work "$W" --corpus-size "$CORPUS" --vae-steps "$VAE_STEPS" "${VF[@]}" "${CW[@]}" \
     "${DEV[@]}" > "$OUTD/prepare.log" 2>&1 || { tail -30 "$OUTD/prepare.log"; exit 1; }
 echo "VAE + latents at $(( $(date +%s) - t0 )) s"; grep -i "scaling" "$OUTD/prepare.log"
-$PY -m fgbg.teaching_model train --work "$W" --corpus-size "$CORPUS" --vae-steps "$VAE_STEPS" "${VF[@]}" \
+$PY -m fgbg.teaching_model train --work "$W" --corpus-size "$CORPUS" --vae-steps "$VAE_STEPS" "${VF[@]}" "${CW[@]}" \
     --steps "$STEPS" --batch "$BATCH" --lr 1e-3 --ema 0.999 --p-omit 0.6 --max-minutes "$MINUTES" "${DEV[@]}" \
     --save-to "$W/pipeline" > "$OUTD/train.log" 2>&1 || { tail -30 "$OUTD/train.log"; exit 1; }
 grep -h "stopping" "$OUTD/train.log" | tail -c 200; tail -1 "$W/unet_log.jsonl"
