@@ -20,7 +20,15 @@ object's word in the prompt ("a photo of a car"). Per model, and for the untrain
   but a shared "object here" part of the map outweighs it;
 - ``by_size``: the three, on the images where the bird is the larger object and where it is
   the smaller one (areas in pixels of the exact masks), and their Spearman correlation with
-  log(bird area / other area); ``images``: every image's numbers.
+  log(bird area / other area); ``images``: every image's numbers;
+- ``by_size_resolution``: bird vs other from the layers of one resolution only, on the
+  images where the bird is the larger and the smaller object. If low-resolution maps
+  smearing a small object were why the map prefers the larger object, the preference
+  would shrink at the finest layers;
+- ``token_mass``: where the attention goes under "a photo of a bird": the mean probability
+  (over levels, layers and the region's pixels) of each group of tokens (start, the
+  prompt's other words, "bird", end, padding) on the bird, on the other object and on
+  the background. An untrained network gives each of the 77 tokens about 1/77.
 
 None of this changes the course's evaluation; it says what limits it. Writes
 ``<out>/word_specificity.json`` and prints it.
@@ -41,6 +49,16 @@ def _auc(m, pos, neg):
     return separation_auc(m, pos, neg)
 
 
+def token_groups(tokens: list[str], word: list[int]) -> dict[str, list[int]]:
+    """The positions of a prompt's tokens by role: ``start`` (position 0), ``other words``
+    (the prompt's words but ``word``), ``word``, ``end`` (the first end token) and
+    ``padding`` (every position after it). ``tokens``: the 77 decoded tokens of
+    ``fgbg.attention.prompt_tokens``."""
+    end = next(i for i, t in enumerate(tokens) if i > 0 and t == "<|endoftext|>")
+    return {"start": [0], "other words": [i for i in range(1, end) if i not in word], "word": list(word),
+            "end": [end], "padding": list(range(end + 1, len(tokens)))}
+
+
 def score(pipe, items, scenes: dict, P: dict) -> dict:
     import torch
     from fgbg.attention import compute_attention_maps, find_token_indices, seed_for
@@ -49,6 +67,8 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     canvas = canvas_size(pipe)
     per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast")}
     by_level, by_res, images = {}, {}, []
+    groups = None
+    mass = {}
     for it in items:
         others = [o["cls"] for o in scenes[it.rel]["objects"] if o["cls"] != "bird"]
         if len(set(others)) != 1:
@@ -84,7 +104,16 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
             key = f"t {mb.timesteps[lv.start]}-{mb.timesteps[lv.stop - 1]}"
             by_level.setdefault(key, []).append(_auc(back(mb.mean(lv)[0, tb].sum(0)), gt, dis))
         for r in mb.resolutions:
-            by_res.setdefault(f"{r}x{r}", []).append(_auc(back(mb.mean(resolutions=[r])[0, tb].sum(0)), gt, dis))
+            auc = _auc(back(mb.mean(resolutions=[r])[0, tb].sum(0)), gt, dis)
+            by_res.setdefault(f"{r}x{r}", []).append(auc)
+            images[-1][f"bird_vs_other {r}x{r}"] = round(auc, 4)
+        if groups is None:
+            groups = token_groups(mb.tokens, tb)
+        every = mb.mean()[0]
+        for name, toks in groups.items():
+            a = back(every[toks].sum(0))
+            for region, msk in (("bird", gt), ("other", dis), ("background", ~gt & ~dis)):
+                mass.setdefault(region, {}).setdefault(name, []).append(float(a[msk].mean()))
     mean = lambda v: round(float(np.mean(v)), 4)  # noqa: E731
     out = {k: mean(v) for k, v in per.items()}
     out["n"] = len(per["bird_vs_other"])
@@ -95,6 +124,10 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     smaller = [im for im in images if im["bird_pixels"] <= im["other_pixels"]]
     out["by_size"] = {name: {"n": len(g), **({k: mean([im[k] for im in g]) for k in per} if g else {})}
                       for name, g in (("bird larger", bigger), ("bird smaller", smaller))}
+    out["by_size_resolution"] = {f"{r}x{r}": {name: mean([im[f"bird_vs_other {r}x{r}"] for im in g])
+                                              for name, g in (("bird larger", bigger), ("bird smaller", smaller)) if g}
+                                 for r in (mb.resolutions if images else [])}
+    out["token_mass"] = {region: {k: mean(v) for k, v in d.items()} for region, d in mass.items()}
     if len(images) > 2:
         from scipy.stats import spearmanr
         ratio = [np.log(im["bird_pixels"] / im["other_pixels"]) for im in images]
