@@ -248,6 +248,19 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
     return torch.where(pick, hi, lo)
 
 
+def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
+    """Refuse to resume a UNet checkpoint with another recipe (batch, learning rate, warm-up,
+    EMA, timestep and omission chances): the result would be a mix that no record names.
+    One ``SystemExit`` line names each setting that differs."""
+    if have is None:
+        raise SystemExit(f"{ckpt} does not record its training recipe (written by an older fgbg); "
+                         f"resume it with that version, or train in a new --work folder")
+    diff = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise SystemExit(f"{ckpt} was trained with another recipe: " + ", ".join(diff)
+                         + "; rerun with its settings, or train in a new --work folder")
+
+
 def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4,
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
@@ -281,8 +294,11 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     sched = build_scheduler()
     abar = sched.alphas_cumprod.to(dev)
     step, ck = 0, out / "unet_ckpt.pt"
+    # what a resumed run must share with the checkpoint (steps may grow; the device may change)
+    recipe = {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema_decay, "p_high": p_high, "p_omit": p_omit}
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
+        check_recipe(ck, st.get("recipe"), recipe)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
         ema = [e.to(dev) for e in st["ema"]]; step = st["step"]
     elif init_from is not None:
@@ -325,7 +341,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
         out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
         if step % save_every == 0 or step == steps or out_of_time:
             _save_ckpt(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                            "ema": ema, "step": step})
+                            "ema": ema, "step": step, "recipe": recipe})
         if out_of_time:
             print(f"stopping at step {step}: the {max_minutes}-minute budget is spent (rerun to resume)")
             break
@@ -362,6 +378,8 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
         for f in ("vocab.json", "merges.txt"):  # transformers 4 reads these, 5 reads tokenizer.json
             (tdir / f).write_bytes((out / "tokenizer" / f).read_bytes())
         record = {"config": asdict(cfg), "unet_steps": st["step"]}
+        if st.get("recipe") is not None:  # batch, lr, EMA, timestep and omission chances
+            record["recipe"] = st["recipe"]
         if (out / "init_from.json").exists():  # continued training: steps counted from the source
             record["continued_from"] = json.loads((out / "init_from.json").read_text())
         if (out / "vae_from.json").exists():  # a fresh UNet on a saved pipeline's VAE

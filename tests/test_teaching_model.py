@@ -63,6 +63,12 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     tm.main(["train", *args, "--steps", "3", "--batch", "4"])
     log = [json.loads(line) for line in (work / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 3]
+    # resuming with another recipe is refused, not silently mixed
+    with pytest.raises(SystemExit, match=r"p_omit 0.6 \(this run: 0.9\)"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-omit", "0.9"])
+    with pytest.raises(SystemExit, match=r"batch 4 \(this run: 8\)"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "8"])
+    assert torch.load(work / "unet_ckpt.pt")["step"] == 3
     # a corpus made from other settings is refused, not silently trained on
     for other, what in ((["--world", "v2"], "world 'v1' \\(wanted 'v2'\\)"),
                         (["--bird-share", "1/6"], "bird_share 0.5 \\(wanted 0.1666"),
@@ -78,6 +84,7 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     assert pipe.text_encoder.config.num_hidden_layers == 0
     rec = json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())
     assert rec["unet_steps"] == 3 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
+    assert rec["recipe"] == {"batch": 4, "lr": 1e-3, "warmup": 200, "ema": 0.999, "p_high": 0.7, "p_omit": 0.6}
     # export reads the folder's recorded configuration
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
     assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 3
