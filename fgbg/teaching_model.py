@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write_text
-from .miniworld import CORPUS_BIRD_SHARE, WORLDS, parse_share
+from .miniworld import CORPUS_BIRD_SHARE, WORLDS, check_corpus, corpus_record, parse_share, write_corpus
 # the parts it shares with fgbg.models (which it never imports): see fgbg.sd_parts
 from .sd_parts import (ASSET_DIR, CLIP_TOKENIZER_DIR, SCALED_LINEAR, TeachingConfig,  # noqa: F401
                        build_text_encoder, build_unet, build_vae, load_tokenizer, pick_device)
@@ -458,7 +458,6 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                  "unet_steps": json.loads(record.read_text()).get("unet_steps") if record.exists() else None}))
             _save_ckpt(work / "vae_ckpt.pt", {"model": vae.state_dict(), "opt": None, "step": vae_steps,
                                               "scaling_factor": float(vae.config.scaling_factor)})
-    from .miniworld import check_corpus, corpus_record, write_corpus
     if not (work / "corpus" / "scenes.jsonl").exists():
         write_corpus(work / "corpus", corpus_size, cfg.image_size, cfg.seed, workers=max(1, (os.cpu_count() or 1)),
                      world=world, bird_share=bird_share)
