@@ -543,10 +543,10 @@ def check_corpus(path: str | Path, want: dict) -> None:
         raise ValueError(f"{f.parent} has no corpus.json, so what it was made from is unknown; "
                          f"delete the folder to write it anew")
     have = json.loads(f.read_text())
-    diff = [f"{k} {have.get(k)!r} (wanted {v!r})" for k, v in want.items() if have.get(k) != v]
-    if diff:
-        raise ValueError(f"{f.parent} holds another corpus: " + ", ".join(diff)
-                         + "; use another folder or delete it")
+    if have != want:
+        from .runs import describe_diff  # not at the top: it imports torch, which the corpus writers do not need
+        raise ValueError(f"{f.parent} holds another corpus ({describe_diff(have, want)}); "
+                         f"use another folder or delete it")
 
 
 def load_corpus(path: str | Path) -> tuple[np.ndarray, list[Scene]]:

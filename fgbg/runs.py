@@ -153,7 +153,9 @@ def _normalise(config: dict) -> dict:
     return json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
 
 
-def _describe_diff(old: dict, new: dict) -> str:
+def describe_diff(old: dict, new: dict) -> str:
+    """Each key whose value differs between a recorded setting ``old`` and a requested one
+    ``new``, as "key: old then, new now" (long values shortened), sorted, joined by "; "."""
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
     def short(v):
@@ -201,7 +203,7 @@ def check_run_config(folder: str | Path, config: dict, overwrite: bool = False,
     if old is not None and not overwrite:
         if old != config:
             raise RunConfigError(f"{path}: these outputs were made with other settings ("
-                                 f"{_describe_diff(old, config)}). {OVERWRITE_HINT}")
+                                 f"{describe_diff(old, config)}). {OVERWRITE_HINT}")
         return
     for f in (*also, folder):  # the config goes last, so it is never declared over old outputs
         clear_folder(f)

@@ -255,10 +255,10 @@ def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
     if have is None:
         raise SystemExit(f"{ckpt} does not record its training recipe (written by an older fgbg); "
                          f"resume it with that version, or train in a new --work folder")
-    diff = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items() if have.get(k) != v]
-    if diff:
-        raise SystemExit(f"{ckpt} was trained with another recipe: " + ", ".join(diff)
-                         + "; rerun with its settings, or train in a new --work folder")
+    if have != want:
+        from .runs import describe_diff
+        raise SystemExit(f"{ckpt} was trained with another recipe ({describe_diff(have, want)}); "
+                         f"rerun with its settings, or train in a new --work folder")
 
 
 def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4,
