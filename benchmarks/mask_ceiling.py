@@ -67,8 +67,7 @@ def ceiling(items, layers: dict[int, int], grid: int, canvas: int) -> dict:
         for name, ly in (("ideal, all layers", layers), ("ideal, finest layers", finest)):
             m = upsample_mask(preliminary_mask(ideal_map(gt, ly, grid)), (canvas, canvas))
             out[name]["iou"].append(_counts(m, gt)); out[name]["area"].append(m.mean())
-        f = canvas // grid
-        m = upsample_mask(gt.reshape(grid, f, grid, f).mean((1, 3)) > 0.5, (canvas, canvas))
+        m = upsample_mask(ideal_map(gt, {grid: 1}, grid) > 0.5, (canvas, canvas))  # the grid's own cells
         out["grid cells"]["iou"].append(_counts(m, gt)); out["grid cells"]["area"].append(m.mean())
     res = {k: {"iou": _pooled(d["iou"]), "area": round(float(np.mean(d["area"])), 3)} for k, d in out.items()}
     return {"n": len(areas), "bird_area": round(float(np.mean(areas)), 3), **res}
@@ -79,6 +78,7 @@ def run_masks(run: Path, items, canvas: int) -> dict:
     from PIL import Image
     from fgbg.data import read_mask
     res = {}
+    gts = {it.key: read_mask(it.gt_path, (canvas, canvas)) for it in items}
     for kind in ("prelim", "refined", "crop", "unet_prelim", "unet_refined"):
         rows = []
         for it in items:
@@ -86,7 +86,7 @@ def run_masks(run: Path, items, canvas: int) -> dict:
             if not f.is_file():
                 continue
             m = np.asarray(Image.open(f).convert("L").resize((canvas, canvas), Image.NEAREST)) > 127
-            gt = read_mask(it.gt_path, (canvas, canvas))
+            gt = gts[it.key]
             tp = (m & gt).sum()
             rows.append((m.mean(), tp / max(1, m.sum()), tp / max(1, gt.sum()), *_counts(m, gt)))
         if rows:
