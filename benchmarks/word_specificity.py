@@ -6,7 +6,8 @@ docs/teaching_model.md, on the distractor split (bird + one other object) of a c
 
 Step 1 exactly as the course runs it (default parameters, the same noise per image), but
 with the maps kept per noise level and per layer resolution, and once more with the other
-object's word in the prompt ("a photo of a car"). Per model, and for the untrained network
+object's word in the prompt ("a photo of a car"), and once with both ("a photo of a bird
+and a car"). Per model, and for the untrained network
 (``fgbg.course.untrained_copy``):
 
 - ``bird_vs_other``: the course's number (the "bird" map, mean over levels and layers,
@@ -18,7 +19,12 @@ object's word in the prompt ("a photo of a car"). Per model, and for the untrain
   ranking the bird above the other object. Near 0.5: the two words draw the same map, so
   the word carries no class. High while ``bird_vs_other`` is low: the class is in the word,
   but a shared "object here" part of the map outweighs it;
-- ``by_size``: the three, on the images where the bird is the larger object and where it is
+- ``named_together``: the map of "bird" under "a photo of a bird and a car" (both objects
+  named), ranking the bird above the other object. Where the two words compete in the
+  softmax, only the difference of their maps decides; ``bird_vs_other`` asks instead
+  whether "bird" alone, against the padding and the prompt's other tokens, avoids an
+  object nobody named;
+- ``by_size``: the four, on the images where the bird is the larger object and where it is
   the smaller one (areas in pixels of the exact masks), and their Spearman correlation with
   log(bird area / other area); ``images``: every image's numbers;
 - ``by_size_resolution``: bird vs other from the layers of one resolution only, on the
@@ -65,7 +71,7 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     from fgbg.data import load_item, map_back, read_mask
     from fgbg.models import canvas_size
     canvas = canvas_size(pipe)
-    per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast")}
+    per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast", "named_together")}
     by_level, by_res, images = {}, {}, []
     groups = None
     mass = {}
@@ -81,11 +87,11 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
         if not gt.any() or not dis.any():
             continue
         maps = {}
-        for word in ("bird", other):
-            prompt = f"a photo of a {word}"
+        for name, prompt, word in (("bird", "a photo of a bird", "bird"), (other, f"a photo of a {other}", other),
+                                   ("together", f"a photo of a bird and a {other}", "bird")):
             tok = find_token_indices(pipe.tokenizer, prompt, word)
             g = torch.Generator().manual_seed(seed_for(P["seed"], it.key))  # the course's noise for this image
-            maps[word] = (compute_attention_maps(pipe, x[None].to(pipe.unet.dtype), prompt, P["rev_diff_steps"],
+            maps[name] = (compute_attention_maps(pipe, x[None].to(pipe.unet.dtype), prompt, P["rev_diff_steps"],
                                                  P["num_inference_steps"], P["num_repeat_each_diffusion_step"],
                                                  by_level=True, unet_batch=P["unet_batch"], generator=g), tok)
         mb, tb = maps["bird"]
@@ -96,6 +102,8 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
         per["bird_vs_other"].append(_auc(bird, gt, dis))
         per["other_word"].append(_auc(oth, dis, gt))
         per["word_contrast"].append(_auc(bird - oth, gt, dis))
+        mt, tt = maps["together"]
+        per["named_together"].append(_auc(back(mt.mean()[0, tt].sum(0)), gt, dis))
         images.append({"key": it.key, "other": other, "bird_pixels": int(gt.sum()), "other_pixels": int(dis.sum()),
                        **{k: round(v[-1], 4) for k, v in per.items()}})
         L = len(mb.timesteps)
