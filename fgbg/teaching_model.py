@@ -91,7 +91,7 @@ def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- captions
 def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5,
-                     p_omit: float = 0.0) -> str:
+                     p_omit: float = 0.0, p_none: float = 0.0) -> str:
     """A caption for one training step: objects in random order, each colour and the
     background named with probability 1/2. Without the dropout "bird" would never stand
     at position 5 of "a photo of a bird", the course's prompt.
@@ -100,9 +100,16 @@ def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_b
     named). Real captions rarely name everything in a photo, and a scene with a bird and
     an unnamed fish, captioned "a photo of a bird", is the only place where training tells
     the fish's pixels not to attend to "bird": it is the distractor test of the course.
+
+    ``p_none``: the chance that a caption of a scene with objects names none of them, only
+    the background ("a photo of grass"), as real captions often do and as SD's training
+    does with its empty captions. Otherwise every such caption names an object, and that
+    word is the only part of the text that says "an object is here".
     """
     from .miniworld import Scene, caption_for
     objs = list(scene.objects)
+    if p_none > 0 and objs and rng.random() < p_none:
+        return caption_for(Scene(scene.background, [], scene.seed), [], True)
     order = list(rng.permutation(len(objs))) if objs else []
     if p_omit > 0 and len(objs) > 1:
         keep = [i for i in order if rng.random() >= p_omit]
@@ -248,6 +255,11 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
     return torch.where(pick, hi, lo)
 
 
+# recipe settings added after checkpoints began to record their recipe, each with the value
+# that every checkpoint written before it trained with
+RECIPE_SINCE = {"p_none": 0.0}
+
+
 def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
     """Refuse to resume a UNet checkpoint with another recipe (batch, learning rate, warm-up,
     EMA, timestep and omission chances): the result would be a mix that no record names.
@@ -255,6 +267,7 @@ def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
     if have is None:
         raise SystemExit(f"{ckpt} does not record its training recipe (written by an older fgbg); "
                          f"resume it with that version, or train in a new --work folder")
+    have = {**RECIPE_SINCE, **have}
     if have != want:
         from .runs import describe_diff
         raise SystemExit(f"{ckpt} was trained with another recipe ({describe_diff(have, want)}); "
@@ -265,12 +278,12 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
                save_every: int = 250, threads: int | None = None, p_high: float = 0.7, p_omit: float = 0.0,
-               max_minutes: float | None = None, init_from: str | Path | None = None):
+               p_none: float = 0.0, max_minutes: float | None = None, init_from: str | Path | None = None):
     """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
 
     The text encoder is a lookup table (zero layers), so training it "jointly" means
     learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`;
-    ``p_omit``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
+    ``p_omit``, ``p_none``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
     checkpoint) when the budget is spent; a rerun resumes. ``init_from``: a saved teaching
     pipeline whose UNet and text encoder are the starting point (and the EMA's) when the
     folder has no checkpoint yet: continued training, with a fresh optimizer.
@@ -295,7 +308,8 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     abar = sched.alphas_cumprod.to(dev)
     step, ck = 0, out / "unet_ckpt.pt"
     # what a resumed run must share with the checkpoint (steps may grow; the device may change)
-    recipe = {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema_decay, "p_high": p_high, "p_omit": p_omit}
+    recipe = {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema_decay, "p_high": p_high, "p_omit": p_omit,
+              "p_none": p_none}
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
         check_recipe(ck, st.get("recipe"), recipe)
@@ -313,7 +327,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     t0 = time.time()
     while step < steps:
         idx = next(it)
-        ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit) for i in idx]).to(dev)
+        ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit, p_none=p_none) for i in idx]).to(dev)
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
         t = sample_timesteps(len(idx), gen, dev, p_high)
         eps = torch.randn(z0.shape, generator=gen, device=dev)
@@ -509,6 +523,8 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--ema", type=float, default=0.999)
     t.add_argument("--p-omit", type=float, default=0.6, help="chance that a caption leaves an object unnamed")
+    t.add_argument("--p-none", type=float, default=0.0,
+                   help="chance that a caption of a scene with objects names none of them, only the background")
     t.add_argument("--p-high", type=float, default=0.7, help="chance of a timestep from [200, 1000)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
@@ -535,7 +551,7 @@ def main(argv=None):
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,
-               p_high=a.p_high, p_omit=a.p_omit, max_minutes=a.max_minutes, init_from=init_from)
+               p_high=a.p_high, p_omit=a.p_omit, p_none=a.p_none, max_minutes=a.max_minutes, init_from=init_from)
     assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
 
 

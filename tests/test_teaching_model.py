@@ -41,6 +41,20 @@ def test_caption_omission_keeps_one_object_and_drops_some():
     assert all("bird" in tm.training_caption(_scene("bird"), rng, p_omit=0.9) for _ in range(50))
 
 
+def test_caption_none_names_only_the_background():
+    rng = np.random.default_rng(3)
+    assert tm.training_caption(_scene("bird", "fish"), rng, p_none=1.0) == "a photo of grass"
+    named = [any(w in tm.training_caption(_scene("bird", "fish"), rng, p_omit=0.6, p_none=0.5).split()
+                 for w in ("bird", "fish")) for _ in range(400)]
+    assert 0.4 < np.mean(named) < 0.6
+    # a scene without objects is captioned as before; p_none 0 draws nothing, so every
+    # caption (and the random stream after it) is the one of a recipe without the option
+    assert tm.training_caption(_scene(background="sky"), rng, p_none=1.0) == "a photo of the sky"
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    assert [tm.training_caption(_scene("bird", "fish", "car"), a, p_omit=0.3) for _ in range(50)] == \
+        [tm.training_caption(_scene("bird", "fish", "car"), b, p_omit=0.3, p_none=0.0) for _ in range(50)]
+
+
 def test_caption_tokenizer_equals_the_tokenizer(tok):
     fast = tm.CaptionTokenizer(tok)
     rng = np.random.default_rng(2)
@@ -68,7 +82,18 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-omit", "0.9"])
     with pytest.raises(SystemExit, match=r"batch: 4 then, 8 now"):
         tm.main(["train", *args, "--steps", "4", "--batch", "8"])
+    with pytest.raises(SystemExit, match=r"p_none: 0.0 then, 0.3 now"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
     assert torch.load(work / "unet_ckpt.pt")["step"] == 3
+    # a checkpoint written before p_none existed trained with none: it resumes without it,
+    # and is refused with another
+    ck = torch.load(work / "unet_ckpt.pt")
+    del ck["recipe"]["p_none"]
+    torch.save(ck, work / "unet_ckpt.pt")
+    with pytest.raises(SystemExit, match=r"p_none: 0.0 then, 0.3 now"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
+    tm.main(["train", *args, "--steps", "4", "--batch", "4"])
+    assert torch.load(work / "unet_ckpt.pt")["step"] == 4
     # a corpus made from other settings is refused, not silently trained on
     for other, what in ((["--world", "v2"], "world: 'v1' then, 'v2' now"),
                         (["--bird-share", "1/6"], "bird_share: 0.5 then, 0.1666"),
@@ -83,11 +108,12 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
         tuple(pipe.unet.config.block_out_channels) == tm.TeachingConfig().unet_channels
     assert pipe.text_encoder.config.num_hidden_layers == 0
     rec = json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())
-    assert rec["unet_steps"] == 3 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
-    assert rec["recipe"] == {"batch": 4, "lr": 1e-3, "warmup": 200, "ema": 0.999, "p_high": 0.7, "p_omit": 0.6}
+    assert rec["unet_steps"] == 4 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
+    assert rec["recipe"] == {"batch": 4, "lr": 1e-3, "warmup": 200, "ema": 0.999, "p_high": 0.7, "p_omit": 0.6,
+                             "p_none": 0.0}
     # export reads the folder's recorded configuration
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
-    assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 3
+    assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 4
     assert load_pipeline(str(tmp_path / "exported"), device="cpu").unet.config.sample_size == 16
 
 
