@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .io import atomic_write_text
 from .miniworld import CORPUS_BIRD_SHARE, WORLDS, check_corpus, corpus_record, parse_share, write_corpus
+from .runs import describe_diff
 # the parts it shares with fgbg.models (which it never imports): see fgbg.sd_parts
 from .sd_parts import (ASSET_DIR, CLIP_TOKENIZER_DIR, SCALED_LINEAR, TeachingConfig,  # noqa: F401
                        build_text_encoder, build_unet, build_vae, load_tokenizer, pick_device)
@@ -269,7 +270,6 @@ def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
                          f"resume it with that version, or train in a new --work folder")
     have = {**RECIPE_SINCE, **have}
     if have != want:
-        from .runs import describe_diff
         raise SystemExit(f"{ckpt} was trained with another recipe ({describe_diff(have, want)}); "
                          f"rerun with its settings, or train in a new --work folder")
 
