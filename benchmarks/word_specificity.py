@@ -31,6 +31,15 @@ and a car"). Per model, and for the untrained network
   images where the bird is the larger and the smaller object. If low-resolution maps
   smearing a small object were why the map prefers the larger object, the preference
   would shrink at the finest layers;
+- ``unseen_word``: the map of a word that no training caption contains
+  (``fgbg.miniworld.UNSEEN_WORDS``; a trained model's embedding of it is still the random
+  one it started with) under "a photo of a zebra", ranking the bird above the other
+  object, as ``bird_vs_other`` does for "bird"; the mean over the unseen words. Near
+  ``bird_vs_other``: what the map of "bird" shows is not the word's doing;
+- ``object_vs_background`` and ``unseen_object_vs_background``: the map of "bird" and of
+  the unseen words, ranking both objects' pixels above the background's. High for the
+  unseen words too: the objects' pixels attend away from the padding to whatever words the
+  prompt has, a property of the image side of the attention, not of the word;
 - ``token_mass``: where the attention goes under "a photo of a bird": the mean probability
   (over levels, layers and the region's pixels) of each group of tokens (start, the
   prompt's other words, "bird", end, padding) on the bird, on the other object and on
@@ -71,7 +80,9 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     from fgbg.data import load_item, map_back, read_mask
     from fgbg.models import canvas_size
     canvas = canvas_size(pipe)
-    per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast", "named_together")}
+    from fgbg.miniworld import UNSEEN_WORDS
+    per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast", "named_together", "unseen_word",
+                           "object_vs_background", "unseen_object_vs_background")}
     by_level, by_res, images = {}, {}, []
     groups = None
     mass = {}
@@ -88,7 +99,8 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
             continue
         maps = {}
         for name, prompt, word in (("bird", "a photo of a bird", "bird"), (other, f"a photo of a {other}", other),
-                                   ("together", f"a photo of a bird and a {other}", "bird")):
+                                   ("together", f"a photo of a bird and a {other}", "bird"),
+                                   *((f"unseen {w}", f"a photo of a {w}", w) for w in UNSEEN_WORDS)):
             tok = find_token_indices(pipe.tokenizer, prompt, word)
             g = torch.Generator().manual_seed(seed_for(P["seed"], it.key))  # the course's noise for this image
             maps[name] = (compute_attention_maps(pipe, x[None].to(pipe.unet.dtype), prompt, P["rev_diff_steps"],
@@ -104,6 +116,10 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
         per["word_contrast"].append(_auc(bird - oth, gt, dis))
         mt, tt = maps["together"]
         per["named_together"].append(_auc(back(mt.mean()[0, tt].sum(0)), gt, dis))
+        unseen = [back(maps[f"unseen {w}"][0].mean()[0, maps[f"unseen {w}"][1]].sum(0)) for w in UNSEEN_WORDS]
+        per["unseen_word"].append(float(np.mean([_auc(u, gt, dis) for u in unseen])))
+        per["object_vs_background"].append(_auc(bird, gt | dis, ~gt & ~dis))
+        per["unseen_object_vs_background"].append(float(np.mean([_auc(u, gt | dis, ~gt & ~dis) for u in unseen])))
         images.append({"key": it.key, "other": other, "bird_pixels": int(gt.sum()), "other_pixels": int(dis.sum()),
                        **{k: round(v[-1], 4) for k, v in per.items()}})
         L = len(mb.timesteps)

@@ -59,6 +59,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS = ("sky", "grass", "water", "sand", "brick", "snow", "forest", "wall")
 OBJECTS = ("bird", "fish", "flower", "house", "car", "ball")
 DISTRACTORS = tuple(o for o in OBJECTS if o != "bird")
+# Words that no caption of either world contains (tests/test_miniworld.py checks it), each one
+# token of CLIP's BPE. A model trained on mini-world captions never updates their embeddings,
+# so "a photo of a zebra" is a control for step 1: what an attention map shows without any
+# meaning of its word.
+UNSEEN_WORDS = ("zebra", "guitar", "piano", "lamp", "chair")
 
 
 @dataclass

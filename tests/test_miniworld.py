@@ -33,6 +33,25 @@ def test_captions():
     assert mw.Scene("sky", []).caption() == "a photo of the sky"
 
 
+def test_unseen_words_are_in_no_caption_of_either_world():
+    """The step-1 control words: no training caption of v1 or v2 (every colour and the
+    background named, every object) contains them, and each is one token, so its map is
+    the map of one untrained embedding."""
+    from fgbg.sd_parts import CLIP_TOKENIZER_DIR, load_tokenizer
+    from fgbg.teaching_model import training_caption
+    words = set()
+    for world in mw.WORLDS:
+        rng = np.random.default_rng(0)
+        for _ in range(300):
+            scene = mw.corpus_scene(rng, world=world)
+            words |= set(training_caption(scene, rng, p_colour=1.0, p_background=1.0).split())
+            words |= set(training_caption(scene, rng, p_none=1.0).split())
+    assert {"bird", "car", "grass", "red", "photo"} <= words  # the words of the captions were collected
+    assert not set(mw.UNSEEN_WORDS) & words
+    tok = load_tokenizer(CLIP_TOKENIZER_DIR)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in mw.UNSEEN_WORDS)
+
+
 def test_course_dataset_layout(tmp_path):
     base = mw.write_course_dataset(tmp_path / "d", n_train=3, n_val=2, n_test=2, n_distractor=2, seed=1)
     lines = (base / "images.txt").read_text().split("\n")[:-1]

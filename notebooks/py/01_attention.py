@@ -316,6 +316,11 @@ viz.browse(full.items[:40], panels_for, shared=True, label="attention probabilit
 #    bird's background; once with the two objects' cues swapped, on water (an orange,
 #    barred bird of a fish's size beside a speckled brown fish). Score the map of *bird*
 #    on the bird against the fish (`fgbg.metrics.separation_auc`) in both versions.
+# 6. A word the model never saw: no mini-world caption contains *zebra*
+#    (`fgbg.miniworld.UNSEEN_WORDS` lists five such words), so training never moved its
+#    embedding. As in exercises 1-3, set `foreground_prompt = "a photo of a zebra"` and
+#    `object_word = "zebra"` and rerun: how close does notebook 02's AUC of its map come
+#    to that of *bird*, and what does that say about where the map's localisation comes from?
 #
 # Solutions, answered by running them: `notebooks/solutions/solutions.ipynb` (executed, with
 # its figures: `docs/lessons/solutions.ipynb`). Try first.
