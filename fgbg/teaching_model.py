@@ -92,7 +92,8 @@ def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- captions
 def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5,
-                     p_omit: float = 0.0, p_none: float = 0.0) -> str:
+                     p_omit: float = 0.0, p_none: float = 0.0, p_extra: float = 0.0,
+                     extra_words: tuple[str, ...] = ()) -> str:
     """A caption for one training step: objects in random order, each colour and the
     background named with probability 1/2. Without the dropout "bird" would never stand
     at position 5 of "a photo of a bird", the course's prompt.
@@ -106,18 +107,46 @@ def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_b
     the background ("a photo of grass"), as real captions often do and as SD's training
     does with its empty captions. Otherwise every such caption names an object, and that
     word is the only part of the text that says "an object is here".
+
+    ``p_extra``: the chance that a caption carries one to three words of ``extra_words``
+    (:func:`extra_vocabulary`: words the picture does not show), each at a random place
+    after the first word, as real captions carry words that name nothing in the picture.
+    A pixel that attends to every word but the padding then reads noise, so training has
+    a reason to attend to the words of what is there (docs/teaching_model.md, "Words the
+    model never saw"). Nothing is drawn when it is 0.
     """
     from .miniworld import Scene, caption_for
     objs = list(scene.objects)
     if p_none > 0 and objs and rng.random() < p_none:
-        return caption_for(Scene(scene.background, [], scene.seed), [], True)
-    order = list(rng.permutation(len(objs))) if objs else []
-    if p_omit > 0 and len(objs) > 1:
-        keep = [i for i in order if rng.random() >= p_omit]
-        order = keep or [order[0]]
-    shown = Scene(scene.background, [objs[i] for i in order], scene.seed)
-    colours = [bool(rng.random() < p_colour) for _ in shown.objects]
-    return caption_for(shown, colours, bool(rng.random() < p_background) or not objs)
+        caption = caption_for(Scene(scene.background, [], scene.seed), [], True)
+    else:
+        order = list(rng.permutation(len(objs))) if objs else []
+        if p_omit > 0 and len(objs) > 1:
+            keep = [i for i in order if rng.random() >= p_omit]
+            order = keep or [order[0]]
+        shown = Scene(scene.background, [objs[i] for i in order], scene.seed)
+        colours = [bool(rng.random() < p_colour) for _ in shown.objects]
+        caption = caption_for(shown, colours, bool(rng.random() < p_background) or not objs)
+    if p_extra > 0 and rng.random() < p_extra:
+        if not extra_words:
+            raise ValueError("p_extra > 0 needs extra_words (extra_vocabulary)")
+        words = caption.split()
+        for _ in range(int(rng.integers(1, 4))):
+            words.insert(int(rng.integers(1, len(words) + 1)), extra_words[int(rng.integers(len(extra_words)))])
+        caption = " ".join(words)
+    return caption
+
+
+def extra_vocabulary(tok) -> tuple[str, ...]:
+    """The words :func:`training_caption` may add with ``p_extra``: every whole word of the
+    tokenizer's vocabulary of three or more letters a-z, except the words of mini-world
+    captions and ``fgbg.miniworld.UNSEEN_WORDS`` (which must stay unseen: they are the
+    step-1 control). Each is one token; sorted, so a seed always draws the same words."""
+    from .miniworld import BACKGROUND_PHRASES, COLOURS, OBJECTS, UNSEEN_WORDS
+    taken = {*OBJECTS, *COLOURS, *UNSEEN_WORDS, "a", "an", "and", "photo", "of"}
+    taken |= {w for phrases in BACKGROUND_PHRASES.values() for p in phrases for w in p.split()}
+    return tuple(sorted(w[:-4] for w in tok.get_vocab() if w.endswith("</w>") and len(w) >= 7
+                        and w[:-4].isascii() and w[:-4].isalpha() and w[:-4].islower() and w[:-4] not in taken))
 
 
 class CaptionTokenizer:
@@ -258,7 +287,7 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
 
 # recipe settings added after checkpoints began to record their recipe, each with the value
 # that every checkpoint written before it trained with
-RECIPE_SINCE = {"p_none": 0.0}
+RECIPE_SINCE = {"p_none": 0.0, "p_extra": 0.0}
 
 
 def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
@@ -278,12 +307,13 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
                save_every: int = 250, threads: int | None = None, p_high: float = 0.7, p_omit: float = 0.0,
-               p_none: float = 0.0, max_minutes: float | None = None, init_from: str | Path | None = None):
+               p_none: float = 0.0, p_extra: float = 0.0, max_minutes: float | None = None,
+               init_from: str | Path | None = None):
     """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
 
     The text encoder is a lookup table (zero layers), so training it "jointly" means
     learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`;
-    ``p_omit``, ``p_none``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
+    ``p_omit``, ``p_none``, ``p_extra``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
     checkpoint) when the budget is spent; a rerun resumes. ``init_from``: a saved teaching
     pipeline whose UNet and text encoder are the starting point (and the EMA's) when the
     folder has no checkpoint yet: continued training, with a fresh optimizer.
@@ -300,6 +330,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     lat = torch.load(out / "latents.pt", weights_only=True)
     mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
     tok = CaptionTokenizer(load_tokenizer(tokenizer_dir or out / "tokenizer"))
+    extra = extra_vocabulary(tok.tok) if p_extra > 0 else ()
     unet, te = build_unet(cfg).to(dev), build_text_encoder(cfg).to(dev)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -309,7 +340,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     step, ck = 0, out / "unet_ckpt.pt"
     # what a resumed run must share with the checkpoint (steps may grow; the device may change)
     recipe = {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema_decay, "p_high": p_high, "p_omit": p_omit,
-              "p_none": p_none}
+              "p_none": p_none, "p_extra": p_extra}
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
         check_recipe(ck, st.get("recipe"), recipe)
@@ -327,7 +358,8 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     t0 = time.time()
     while step < steps:
         idx = next(it)
-        ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit, p_none=p_none) for i in idx]).to(dev)
+        ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit, p_none=p_none, p_extra=p_extra,
+                                    extra_words=extra) for i in idx]).to(dev)
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
         t = sample_timesteps(len(idx), gen, dev, p_high)
         eps = torch.randn(z0.shape, generator=gen, device=dev)
@@ -525,6 +557,8 @@ def main(argv=None):
     t.add_argument("--p-omit", type=float, default=0.6, help="chance that a caption leaves an object unnamed")
     t.add_argument("--p-none", type=float, default=0.0,
                    help="chance that a caption of a scene with objects names none of them, only the background")
+    t.add_argument("--p-extra", type=float, default=0.0,
+                   help="chance that a caption carries one to three words that name nothing in the picture")
     t.add_argument("--p-high", type=float, default=0.7, help="chance of a timestep from [200, 1000)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
@@ -551,7 +585,8 @@ def main(argv=None):
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,
-               p_high=a.p_high, p_omit=a.p_omit, p_none=a.p_none, max_minutes=a.max_minutes, init_from=init_from)
+               p_high=a.p_high, p_omit=a.p_omit, p_none=a.p_none, p_extra=a.p_extra, max_minutes=a.max_minutes,
+               init_from=init_from)
     assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
 
 

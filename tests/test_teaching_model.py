@@ -55,6 +55,33 @@ def test_caption_none_names_only_the_background():
         [tm.training_caption(_scene("bird", "fish", "car"), b, p_omit=0.3, p_none=0.0) for _ in range(50)]
 
 
+def test_caption_extra_words_name_nothing_in_the_scene(tok):
+    from fgbg.miniworld import UNSEEN_WORDS
+    extra = tm.extra_vocabulary(tok)
+    # never an unseen word (the step-1 control) nor a word of a mini-world caption; one token each
+    rng = np.random.default_rng(6)
+    caption_words = {w for _ in range(300) for w in tm.training_caption(
+        _scene(*rng.choice(["bird", "fish", "flower", "house", "car", "ball"], int(rng.integers(0, 4))),
+               background=str(rng.choice(["sky", "brick", "forest", "water", "wall"]))), rng, p_none=0.2).split()}
+    assert {"bird", "photo", "brick"} <= caption_words
+    assert not (set(UNSEEN_WORDS) | caption_words) & set(extra) and len(extra) > 1000
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in rng.choice(extra, 200))
+    # p_extra 1: one to three of them, inserted after the first word; the rest of the caption unchanged
+    for _ in range(100):
+        plain = tm.training_caption(_scene("bird", "fish"), np.random.default_rng(7), p_omit=0.3).split()
+        words = tm.training_caption(_scene("bird", "fish"), np.random.default_rng(7), p_omit=0.3, p_extra=1.0,
+                                    extra_words=extra).split()
+        added = [w for w in words if w not in plain]
+        assert 1 <= len(added) <= 3 and set(added) <= set(extra) and words[0] == "a"
+        assert [w for w in words if w in plain] == plain
+    # p_extra 0 draws nothing: the stream of a recipe without the option
+    a, b = np.random.default_rng(8), np.random.default_rng(8)
+    assert [tm.training_caption(_scene("bird", "car"), a, p_omit=0.3) for _ in range(50)] == \
+        [tm.training_caption(_scene("bird", "car"), b, p_omit=0.3, p_extra=0.0, extra_words=extra) for _ in range(50)]
+    with pytest.raises(ValueError, match="extra_words"):
+        tm.training_caption(_scene("bird"), rng, p_extra=1.0)
+
+
 def test_caption_tokenizer_equals_the_tokenizer(tok):
     fast = tm.CaptionTokenizer(tok)
     rng = np.random.default_rng(2)
@@ -84,11 +111,13 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
         tm.main(["train", *args, "--steps", "4", "--batch", "8"])
     with pytest.raises(SystemExit, match=r"p_none: 0.0 then, 0.3 now"):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
+    with pytest.raises(SystemExit, match=r"p_extra: 0.0 then, 0.5 now"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-extra", "0.5"])
     assert torch.load(work / "unet_ckpt.pt")["step"] == 3
     # a checkpoint written before p_none existed trained with none: it resumes without it,
     # and is refused with another
     ck = torch.load(work / "unet_ckpt.pt")
-    del ck["recipe"]["p_none"]
+    del ck["recipe"]["p_none"], ck["recipe"]["p_extra"]
     torch.save(ck, work / "unet_ckpt.pt")
     with pytest.raises(SystemExit, match=r"p_none: 0.0 then, 0.3 now"):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
@@ -110,7 +139,7 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     rec = json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())
     assert rec["unet_steps"] == 4 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
     assert rec["recipe"] == {"batch": 4, "lr": 1e-3, "warmup": 200, "ema": 0.999, "p_high": 0.7, "p_omit": 0.6,
-                             "p_none": 0.0}
+                             "p_none": 0.0, "p_extra": 0.0}
     # export reads the folder's recorded configuration
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
     assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 4
