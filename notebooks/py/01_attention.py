@@ -194,7 +194,9 @@ viz.plot_token_mass(maps, n_tokens=8);
 #
 # * the **untrained network**: same architecture, random weights. Random features already
 #   respond to edges and colour blobs, so it is not at 0.5 AUC;
-# * the **"photo" token**: a word that names no object.
+# * the **"photo" token**: a word that names no object. Training taught it to stay off
+#   objects, so it is an easy control to beat; exercise 6 tries a stricter one, a word the
+#   model never saw.
 #
 # and two trivial baselines without any network: a **centre prior** (objects tend to be
 # in the middle) and **border-colour saliency** (objects differ from the image border).
