@@ -78,9 +78,9 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
     import torch
     from fgbg.attention import compute_attention_maps, find_token_indices, seed_for
     from fgbg.data import load_item, map_back, read_mask
+    from fgbg.miniworld import UNSEEN_WORDS
     from fgbg.models import canvas_size
     canvas = canvas_size(pipe)
-    from fgbg.miniworld import UNSEEN_WORDS
     per = {k: [] for k in ("bird_vs_other", "other_word", "word_contrast", "named_together", "unseen_word",
                            "object_vs_background", "unseen_object_vs_background")}
     by_level, by_res, images = {}, {}, []
@@ -116,7 +116,7 @@ def score(pipe, items, scenes: dict, P: dict) -> dict:
         per["word_contrast"].append(_auc(bird - oth, gt, dis))
         mt, tt = maps["together"]
         per["named_together"].append(_auc(back(mt.mean()[0, tt].sum(0)), gt, dis))
-        unseen = [back(maps[f"unseen {w}"][0].mean()[0, maps[f"unseen {w}"][1]].sum(0)) for w in UNSEEN_WORDS]
+        unseen = [back(m.mean()[0, t].sum(0)) for m, t in (maps[f"unseen {w}"] for w in UNSEEN_WORDS)]
         per["unseen_word"].append(float(np.mean([_auc(u, gt, dis) for u in unseen])))
         per["object_vs_background"].append(_auc(bird, gt | dis, ~gt & ~dis))
         per["unseen_object_vs_background"].append(float(np.mean([_auc(u, gt | dis, ~gt & ~dis) for u in unseen])))
