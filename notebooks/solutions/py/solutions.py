@@ -249,8 +249,8 @@ viz.show_row(shown, shared=True, label="attention probability");
 # 0.96 (zebra 0.911, guitar 0.691, piano 0.818, lamp 0.956, chair 0.895; mean 0.854), and
 # the map of *photo* 0.275. In the untrained network every word is a random vector: *bird*
 # 0.593, the five others 0.46 to 0.74 (mean 0.570). Training lifted the map of *bird* by
-# 0.37, and the maps of words it never saw by 0.28 on average. So most of what the map of *bird* localizes is not the word's
-# doing: after training, an object's pixels attend less to the padding and more to the
+# 0.37, and the maps of words it never saw by 0.28 on average. So most of what the map of
+# *bird* localizes is not the word's doing: after training, an object's pixels attend less to the padding and more to the
 # prompt's words, and a random embedding in the place of the object's name already takes
 # enough of that to light up the bird. The word's own meaning adds about 0.1 on
 # average, and less than the luck of a random vector (lamp) can. The function words show
