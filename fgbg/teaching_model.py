@@ -252,10 +252,36 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     return vae
 
 
+def latents_record(vae_ckpt: str | Path, corpus: str | Path) -> dict:
+    """What a folder's ``latents.pt`` must have been encoded from: the VAE's weights (a
+    SHA-256 over the tensors of ``vae_ckpt``) and the corpus (its ``corpus.json``, or None
+    for a corpus written before corpora recorded their settings)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(torch.load(vae_ckpt, map_location="cpu", weights_only=True)["model"].items()):
+        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(v.contiguous().numpy().tobytes())
+    f = Path(corpus) / "corpus.json"
+    return {"vae_sha256": h.hexdigest(), "corpus": json.loads(f.read_text()) if f.is_file() else None}
+
+
+def stale_latents(work: Path, corpus: Path | None = None) -> str | None:
+    """None where ``work/latents.pt`` was encoded by ``work/vae_ckpt.pt`` from ``corpus``
+    (default ``work/corpus``); otherwise why not, in one phrase. Latents copied in from
+    another folder, or left by a VAE that was trained further, would otherwise be trained on
+    silently: a UNet must see its own VAE's latents."""
+    have = torch.load(work / "latents.pt", weights_only=True).get("made_from")
+    if have is None:
+        return "they do not record which VAE and corpus made them"
+    want = latents_record(work / "vae_ckpt.pt", corpus or work / "corpus")
+    return None if have == want else f"they were made from another VAE or corpus ({describe_diff(have, want)})"
+
+
 @torch.no_grad()
-def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, device: str | None = None) -> float:
+def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, device: str | None = None,
+                  made_from: dict | None = None) -> float:
     """Encode every corpus image once (posterior mean and std) and return the scaling
-    factor that gives the latents unit variance, as SD's 0.18215 does for its VAE."""
+    factor that gives the latents unit variance, as SD's 0.18215 does for its VAE.
+    ``made_from`` (a :func:`latents_record`) is stored beside them."""
     from .miniworld import load_corpus
     dev, _ = _device_and_dtype(device)
     imgs, _ = load_corpus(corpus)
@@ -268,7 +294,7 @@ def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, de
             means.append(d.mean.half().cpu()); stds.append(d.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)  # item k and k + n are one scene
     scale = float(1.0 / mean.float().std())
-    torch.save({"mean": mean, "std": std, "scaling_factor": scale}, Path(out) / "latents.pt")
+    _save_ckpt(Path(out) / "latents.pt", {"mean": mean, "std": std, "scaling_factor": scale, "made_from": made_from})
     return scale
 
 
@@ -327,6 +353,9 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     dev, amp = _device_and_dtype(device)
     torch.manual_seed(cfg.seed)
     _, scenes = load_corpus(corpus)
+    why = stale_latents(out, Path(corpus))
+    if why is not None:
+        raise SystemExit(f"{out / 'latents.pt'}: {why}; `python -m fgbg.teaching_model prepare` encodes them anew")
     lat = torch.load(out / "latents.pt", weights_only=True)
     mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
     tok = CaptionTokenizer(load_tokenizer(tokenizer_dir or out / "tokenizer"))
@@ -518,9 +547,15 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                 (work / "tokenizer" / f).write_bytes((CLIP_TOKENIZER_DIR / f).read_bytes())
         else:
             tokenizer_files_from_open_clip(work / "tokenizer")
+    if (work / "latents.pt").exists():
+        why = stale_latents(work) if (work / "vae_ckpt.pt").exists() else "the folder has no VAE to check them against"
+        if why is not None:
+            print(f"{work / 'latents.pt'}: {why}; encoding them anew")
+            (work / "latents.pt").unlink()
     if not (work / "latents.pt").exists():
         vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
-        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device))
+        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device,
+                                                     made_from=latents_record(work / "vae_ckpt.pt", work / "corpus")))
         fixed = torch.load(work / "vae_ckpt.pt", weights_only=True).get("scaling_factor")
         if fixed is not None:  # a pipeline's VAE: keep the factor its UNet was trained with
             lat = torch.load(work / "latents.pt", weights_only=True)

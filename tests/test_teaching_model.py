@@ -196,3 +196,55 @@ def test_vae_from_takes_only_the_vae(tmp_path):
     with pytest.raises(SystemExit, match="not both"):
         tm.main(["train", "--work", str(tmp_path / "x"), *small, "--steps", "1",
                  "--vae-from", str(src), "--init-from", str(src)])
+
+
+def test_latents_record_names_the_vae_weights_and_the_corpus(tmp_path):
+    """A one-ulp change of one VAE weight, or another corpus.json, changes the record;
+    the same weights saved again do not."""
+    vae = tm.build_vae(tm.TeachingConfig())
+    sd = vae.state_dict()
+    torch.save({"model": sd}, tmp_path / "a.pt")
+    torch.save({"model": {k: v.clone() for k, v in sd.items()}}, tmp_path / "b.pt")
+    (tmp_path / "corpus").mkdir()
+    rec = tm.latents_record(tmp_path / "a.pt", tmp_path / "corpus")
+    assert rec["corpus"] is None and rec == tm.latents_record(tmp_path / "b.pt", tmp_path / "corpus")
+    k = next(iter(sd))
+    sd2 = dict(sd, **{k: sd[k].clone()})
+    sd2[k].view(-1)[0] = torch.nextafter(sd2[k].view(-1)[0], torch.tensor(float("inf")))
+    torch.save({"model": sd2}, tmp_path / "c.pt")
+    assert tm.latents_record(tmp_path / "c.pt", tmp_path / "corpus")["vae_sha256"] != rec["vae_sha256"]
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"n": 12}))
+    assert tm.latents_record(tmp_path / "a.pt", tmp_path / "corpus") == {"vae_sha256": rec["vae_sha256"],
+                                                                         "corpus": {"n": 12}}
+
+
+def test_latents_of_another_vae_are_encoded_anew_never_trained_on(tmp_path, capsys):
+    """Latents copied in from a folder with another VAE, or written before latents recorded
+    what made them, are encoded again by prepare, and refused by train_unet."""
+    small = ["--corpus-size", "12", "--vae-steps", "2", "--vae-batch", "4", "--threads", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    tm.main(["prepare", "--work", str(a), *small])
+    lat_a = torch.load(a / "latents.pt")
+    assert lat_a["made_from"] == tm.latents_record(a / "vae_ckpt.pt", a / "corpus")
+    assert tm.stale_latents(a) is None
+    # b: the same corpus, but the shipped VAE; a's latents copied in
+    b.mkdir()
+    for part in ("corpus", "tokenizer"):
+        (b / part).mkdir()
+        for f in (a / part).iterdir():
+            (b / part / f.name).write_bytes(f.read_bytes())
+    (b / "latents.pt").write_bytes((a / "latents.pt").read_bytes())
+    tm.main(["prepare", "--work", str(b), *small, "--vae-from", str(tm.ASSET_DIR)])
+    assert "were made from another VAE or corpus (vae_sha256:" in capsys.readouterr().out
+    lat_b = torch.load(b / "latents.pt")
+    assert lat_b["made_from"] == tm.latents_record(b / "vae_ckpt.pt", b / "corpus")
+    assert lat_b["made_from"]["vae_sha256"] != lat_a["made_from"]["vae_sha256"]
+    assert not torch.equal(lat_a["mean"], lat_b["mean"])
+    # latents without a record: train_unet refuses them, prepare encodes them again (same values)
+    old = {k: v for k, v in lat_a.items() if k != "made_from"}
+    torch.save(old, a / "latents.pt")
+    with pytest.raises(SystemExit, match="do not record which VAE"):
+        tm.train_unet(a / "corpus", a, steps=1, batch=4, threads=1)
+    tm.main(["prepare", "--work", str(a), *small])
+    again = torch.load(a / "latents.pt")
+    assert again["made_from"] == lat_a["made_from"] and torch.equal(again["mean"], lat_a["mean"])
