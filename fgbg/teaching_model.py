@@ -93,7 +93,7 @@ def tokenizer_files_from_open_clip(out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- captions
 def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_background: float = 0.5,
                      p_omit: float = 0.0, p_none: float = 0.0, p_extra: float = 0.0,
-                     extra_words: tuple[str, ...] = ()) -> str:
+                     extra_words: tuple[str, ...] = (), p_absent: float = 0.0) -> str:
     """A caption for one training step: objects in random order, each colour and the
     background named with probability 1/2. Without the dropout "bird" would never stand
     at position 5 of "a photo of a bird", the course's prompt.
@@ -114,8 +114,16 @@ def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_b
     A pixel that attends to every word but the padding then reads noise, so training has
     a reason to attend to the words of what is there (docs/teaching_model.md, "Words the
     model never saw"). Nothing is drawn when it is 0.
+
+    ``p_absent``: the chance that a caption (one that names objects, or a scene without
+    any) also names an object of a class the scene does not hold, with a random colour, at
+    a random place among the named ones ("a photo of a fish and a bird" for a bird alone).
+    The absent word is a trained class word, so a pixel that attends to it reads another
+    class's appearance: training has a reason to keep a class word off the objects of
+    other classes, which omitted names alone do not give (docs/teaching_model.md, "Words
+    that name an absent object"). Nothing is drawn when it is 0.
     """
-    from .miniworld import Scene, caption_for
+    from .miniworld import COLOURS, OBJECTS, Obj, Scene, caption_for
     objs = list(scene.objects)
     if p_none > 0 and objs and rng.random() < p_none:
         caption = caption_for(Scene(scene.background, [], scene.seed), [], True)
@@ -124,7 +132,14 @@ def training_caption(scene, rng: np.random.Generator, p_colour: float = 0.5, p_b
         if p_omit > 0 and len(objs) > 1:
             keep = [i for i in order if rng.random() >= p_omit]
             order = keep or [order[0]]
-        shown = Scene(scene.background, [objs[i] for i in order], scene.seed)
+        named = [objs[i] for i in order]
+        if p_absent > 0 and rng.random() < p_absent:
+            absent = [c for c in OBJECTS if c not in {o.cls for o in objs}]
+            if absent:
+                ghost = Obj(absent[int(rng.integers(len(absent)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                            0.0, 0.0, 0.0, 0.0, False, 0)
+                named.insert(int(rng.integers(len(named) + 1)), ghost)
+        shown = Scene(scene.background, named, scene.seed)
         colours = [bool(rng.random() < p_colour) for _ in shown.objects]
         caption = caption_for(shown, colours, bool(rng.random() < p_background) or not objs)
     if p_extra > 0 and rng.random() < p_extra:
@@ -313,7 +328,7 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
 
 # recipe settings added after checkpoints began to record their recipe, each with the value
 # that every checkpoint written before it trained with
-RECIPE_SINCE = {"p_none": 0.0, "p_extra": 0.0}
+RECIPE_SINCE = {"p_none": 0.0, "p_extra": 0.0, "p_absent": 0.0}
 
 
 def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
@@ -333,13 +348,13 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
                save_every: int = 250, threads: int | None = None, p_high: float = 0.7, p_omit: float = 0.0,
-               p_none: float = 0.0, p_extra: float = 0.0, max_minutes: float | None = None,
+               p_none: float = 0.0, p_extra: float = 0.0, p_absent: float = 0.0, max_minutes: float | None = None,
                init_from: str | Path | None = None):
     """Train UNet + text encoder jointly on (latent, caption) pairs; epsilon MSE. Resumable.
 
     The text encoder is a lookup table (zero layers), so training it "jointly" means
     learning one embedding per word and position. ``p_high``: see :func:`sample_timesteps`;
-    ``p_omit``, ``p_none``, ``p_extra``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
+    ``p_omit``, ``p_none``, ``p_extra``, ``p_absent``: see :func:`training_caption`. ``max_minutes`` stops early (after saving a
     checkpoint) when the budget is spent; a rerun resumes. ``init_from``: a saved teaching
     pipeline whose UNet and text encoder are the starting point (and the EMA's) when the
     folder has no checkpoint yet: continued training, with a fresh optimizer.
@@ -369,7 +384,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     step, ck = 0, out / "unet_ckpt.pt"
     # what a resumed run must share with the checkpoint (steps may grow; the device may change)
     recipe = {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema_decay, "p_high": p_high, "p_omit": p_omit,
-              "p_none": p_none, "p_extra": p_extra}
+              "p_none": p_none, "p_extra": p_extra, "p_absent": p_absent}
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
         check_recipe(ck, st.get("recipe"), recipe)
@@ -388,7 +403,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     while step < steps:
         idx = next(it)
         ids = tok([training_caption(scenes[i % len(scenes)], rng, p_omit=p_omit, p_none=p_none, p_extra=p_extra,
-                                    extra_words=extra) for i in idx]).to(dev)
+                                    extra_words=extra, p_absent=p_absent) for i in idx]).to(dev)
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
         t = sample_timesteps(len(idx), gen, dev, p_high)
         eps = torch.randn(z0.shape, generator=gen, device=dev)
@@ -594,6 +609,8 @@ def main(argv=None):
                    help="chance that a caption of a scene with objects names none of them, only the background")
     t.add_argument("--p-extra", type=float, default=0.0,
                    help="chance that a caption carries one to three words that name nothing in the picture")
+    t.add_argument("--p-absent", type=float, default=0.0,
+                   help="chance that a caption also names an object of a class the picture does not hold")
     t.add_argument("--p-high", type=float, default=0.7, help="chance of a timestep from [200, 1000)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
     t.add_argument("--save-to", default=None, help="write the finished pipeline here (default: the work folder/pipeline)")
@@ -620,8 +637,8 @@ def main(argv=None):
     if a.cmd == "prepare":
         return
     train_unet(work / "corpus", work, a.steps, a.batch, a.lr, ema_decay=a.ema, cfg=cfg, device=a.device,
-               p_high=a.p_high, p_omit=a.p_omit, p_none=a.p_none, p_extra=a.p_extra, max_minutes=a.max_minutes,
-               init_from=init_from)
+               p_high=a.p_high, p_omit=a.p_omit, p_none=a.p_none, p_extra=a.p_extra, p_absent=a.p_absent,
+               max_minutes=a.max_minutes, init_from=init_from)
     assemble_pipeline(work, cfg, save_to=a.save_to or work / "pipeline")
 
 

@@ -82,6 +82,31 @@ def test_caption_extra_words_name_nothing_in_the_scene(tok):
         tm.training_caption(_scene("bird"), rng, p_extra=1.0)
 
 
+def test_caption_absent_word_names_a_class_the_scene_does_not_hold():
+    from fgbg.miniworld import OBJECTS
+    rng = np.random.default_rng(5)
+    scene = _scene("bird", "fish")
+    with_absent = 0
+    for _ in range(400):
+        words = tm.training_caption(scene, rng, p_omit=0.6, p_absent=0.5).split()
+        named = [w for w in words if w in OBJECTS]
+        assert {"bird", "fish"} & set(named)  # a present object is still named
+        absent = [w for w in named if w not in ("bird", "fish")]
+        assert len(absent) <= 1 and len(named) == len(set(named))
+        with_absent += bool(absent)
+    assert 0.4 < with_absent / 400 < 0.6
+    # every other class can be the absent one, and a scene without objects gets one too
+    seen = {w for _ in range(300) for w in tm.training_caption(scene, rng, p_absent=1.0).split() if w in OBJECTS}
+    assert seen == set(OBJECTS)
+    empty = tm.training_caption(_scene(background="grass"), rng, p_absent=1.0).split()
+    assert len([w for w in empty if w in OBJECTS]) == 1
+    # a scene that holds every class has no absent one; p_absent 0 draws nothing
+    assert set(tm.training_caption(_scene(*OBJECTS), rng, p_absent=1.0).split()) >= set(OBJECTS)
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    assert [tm.training_caption(scene, a, p_omit=0.3) for _ in range(50)] == \
+        [tm.training_caption(scene, b, p_omit=0.3, p_absent=0.0) for _ in range(50)]
+
+
 def test_caption_tokenizer_equals_the_tokenizer(tok):
     fast = tm.CaptionTokenizer(tok)
     rng = np.random.default_rng(2)
@@ -113,11 +138,13 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
     with pytest.raises(SystemExit, match=r"p_extra: 0.0 then, 0.5 now"):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-extra", "0.5"])
+    with pytest.raises(SystemExit, match=r"p_absent: 0.0 then, 0.5 now"):
+        tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-absent", "0.5"])
     assert torch.load(work / "unet_ckpt.pt")["step"] == 3
     # a checkpoint written before p_none existed trained with none: it resumes without it,
     # and is refused with another
     ck = torch.load(work / "unet_ckpt.pt")
-    del ck["recipe"]["p_none"], ck["recipe"]["p_extra"]
+    del ck["recipe"]["p_none"], ck["recipe"]["p_extra"], ck["recipe"]["p_absent"]
     torch.save(ck, work / "unet_ckpt.pt")
     with pytest.raises(SystemExit, match=r"p_none: 0.0 then, 0.3 now"):
         tm.main(["train", *args, "--steps", "4", "--batch", "4", "--p-none", "0.3"])
@@ -139,7 +166,7 @@ def test_train_a_few_steps_resume_and_export(tmp_path):
     rec = json.loads((work / "pipeline" / "fgbg_teaching.json").read_text())
     assert rec["unet_steps"] == 4 and rec["corpus"]["n"] == 12 and rec["corpus"]["bird_share"] == 0.5
     assert rec["recipe"] == {"batch": 4, "lr": 1e-3, "warmup": 200, "ema": 0.999, "p_high": 0.7, "p_omit": 0.6,
-                             "p_none": 0.0, "p_extra": 0.0}
+                             "p_none": 0.0, "p_extra": 0.0, "p_absent": 0.0}
     # export reads the folder's recorded configuration
     tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "exported")])
     assert json.loads((tmp_path / "exported" / "fgbg_teaching.json").read_text())["unet_steps"] == 4
