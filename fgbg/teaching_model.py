@@ -279,15 +279,15 @@ def latents_record(vae_ckpt: str | Path, corpus: str | Path) -> dict:
     return {"vae_sha256": h.hexdigest(), "corpus": json.loads(f.read_text()) if f.is_file() else None}
 
 
-def stale_latents(work: Path, corpus: Path | None = None) -> str | None:
-    """None where ``work/latents.pt`` was encoded by ``work/vae_ckpt.pt`` from ``corpus``
-    (default ``work/corpus``); otherwise why not, in one phrase. Latents copied in from
-    another folder, or left by a VAE that was trained further, would otherwise be trained on
-    silently: a UNet must see its own VAE's latents."""
-    have = torch.load(work / "latents.pt", weights_only=True).get("made_from")
+def stale_latents(lat: dict, vae_ckpt: Path, corpus: Path) -> str | None:
+    """None where the loaded ``latents.pt`` ``lat`` was encoded by ``vae_ckpt`` from
+    ``corpus``; otherwise why not, in one phrase. Latents copied in from another folder, or
+    left by a VAE that was trained further, would otherwise be trained on silently: a UNet
+    must see its own VAE's latents."""
+    have = lat.get("made_from")
     if have is None:
         return "they do not record which VAE and corpus made them"
-    want = latents_record(work / "vae_ckpt.pt", corpus or work / "corpus")
+    want = latents_record(vae_ckpt, corpus)
     return None if have == want else f"they were made from another VAE or corpus ({describe_diff(have, want)})"
 
 
@@ -368,10 +368,10 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     dev, amp = _device_and_dtype(device)
     torch.manual_seed(cfg.seed)
     _, scenes = load_corpus(corpus)
-    why = stale_latents(out, Path(corpus))
+    lat = torch.load(out / "latents.pt", weights_only=True)
+    why = stale_latents(lat, out / "vae_ckpt.pt", Path(corpus))
     if why is not None:
         raise SystemExit(f"{out / 'latents.pt'}: {why}; `python -m fgbg.teaching_model prepare` encodes them anew")
-    lat = torch.load(out / "latents.pt", weights_only=True)
     mean, std, scale = lat["mean"].to(dev), lat["std"].to(dev), lat["scaling_factor"]
     tok = CaptionTokenizer(load_tokenizer(tokenizer_dir or out / "tokenizer"))
     extra = extra_vocabulary(tok.tok) if p_extra > 0 else ()
@@ -563,7 +563,8 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
         else:
             tokenizer_files_from_open_clip(work / "tokenizer")
     if (work / "latents.pt").exists():
-        why = stale_latents(work) if (work / "vae_ckpt.pt").exists() else "the folder has no VAE to check them against"
+        why = (stale_latents(torch.load(work / "latents.pt", weights_only=True), work / "vae_ckpt.pt", work / "corpus")
+               if (work / "vae_ckpt.pt").exists() else "the folder has no VAE to check them against")
         if why is not None:
             print(f"{work / 'latents.pt'}: {why}; encoding them anew")
             (work / "latents.pt").unlink()

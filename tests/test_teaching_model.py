@@ -253,7 +253,7 @@ def test_latents_of_another_vae_are_encoded_anew_never_trained_on(tmp_path, caps
     tm.main(["prepare", "--work", str(a), *small])
     lat_a = torch.load(a / "latents.pt")
     assert lat_a["made_from"] == tm.latents_record(a / "vae_ckpt.pt", a / "corpus")
-    assert tm.stale_latents(a) is None
+    assert tm.stale_latents(lat_a, a / "vae_ckpt.pt", a / "corpus") is None
     # b: the same corpus, but the shipped VAE; a's latents copied in
     b.mkdir()
     for part in ("corpus", "tokenizer"):
