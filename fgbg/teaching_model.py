@@ -344,6 +344,20 @@ def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
                          f"rerun with its settings, or train in a new --work folder")
 
 
+def check_trained_on(ck: Path, st: dict, latents: dict) -> None:
+    """Refuse a UNet checkpoint ``st`` (loaded from ``ck``) that trained on latents other
+    than ``latents`` (a :func:`latents_record`: the VAE's weights and the corpus): resumed,
+    or exported beside this VAE, it would be a model that no record names. A checkpoint
+    written before checkpoints recorded their latents is taken as it is, with a printed line."""
+    have = st.get("latents")
+    if have is None:
+        print(f"{ck} does not record the latents it trained on (written by an older fgbg): "
+              f"taken to be this folder's")
+    elif have != latents:
+        raise SystemExit(f"{ck} trained on latents of another VAE or corpus ({describe_diff(have, latents)}); "
+                         f"train it in a new --work folder")
+
+
 def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4,
                warmup: int = 200, ema_decay: float = 0.998, cfg: TeachingConfig | None = None,
                device: str | None = None, tokenizer_dir: str | Path | None = None, log_every: int = 50,
@@ -388,6 +402,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
         check_recipe(ck, st.get("recipe"), recipe)
+        check_trained_on(ck, st, lat["made_from"])
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
         ema = [e.to(dev) for e in st["ema"]]; step = st["step"]
     elif init_from is not None:
@@ -431,7 +446,7 @@ def train_unet(corpus: str | Path, out: str | Path, steps: int = 6000, batch: in
         out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
         if step % save_every == 0 or step == steps or out_of_time:
             _save_ckpt(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                            "ema": ema, "step": step, "recipe": recipe})
+                            "ema": ema, "step": step, "recipe": recipe, "latents": lat["made_from"]})
         if out_of_time:
             print(f"stopping at step {step}: the {max_minutes}-minute budget is spent (rerun to resume)")
             break
@@ -454,6 +469,7 @@ def assemble_pipeline(out: str | Path, cfg: TeachingConfig | None = None, save_t
     vae.register_to_config(scaling_factor=torch.load(out / "latents.pt", weights_only=True)["scaling_factor"])
     unet, te = build_unet(cfg), build_text_encoder(cfg)
     st = torch.load(out / "unet_ckpt.pt", map_location="cpu", weights_only=True)
+    check_trained_on(out / "unet_ckpt.pt", st, latents_record(out / "vae_ckpt.pt", out / "corpus"))
     unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
     params = list(unet.parameters()) + list(te.parameters())
     with torch.no_grad():
@@ -562,6 +578,18 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                 (work / "tokenizer" / f).write_bytes((CLIP_TOKENIZER_DIR / f).read_bytes())
         else:
             tokenizer_files_from_open_clip(work / "tokenizer")
+    ck = work / "vae_ckpt.pt"
+    if ck.exists() and not any((work / m).exists() for m in ("init_from.json", "vae_from.json")):
+        done = torch.load(ck, map_location="cpu", weights_only=True)["step"]
+        if done < vae_steps:
+            if (work / "unet_ckpt.pt").exists():
+                raise SystemExit(f"{ck} has {done} steps and {work / 'unet_ckpt.pt'} trained on its latents: "
+                                 f"--vae-steps {vae_steps} would change them under it; keep --vae-steps {done}, "
+                                 f"or train in a new --work folder")
+            print(f"{ck} has {done} steps: training it on to --vae-steps {vae_steps} (its latents are then encoded anew)")
+            train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
+        elif done > vae_steps:
+            print(f"{ck} has {done} steps, more than --vae-steps {vae_steps}: kept as it is")
     if (work / "latents.pt").exists():
         why = (stale_latents(torch.load(work / "latents.pt", weights_only=True), work / "vae_ckpt.pt", work / "corpus")
                if (work / "vae_ckpt.pt").exists() else "the folder has no VAE to check them against")

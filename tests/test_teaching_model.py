@@ -275,3 +275,48 @@ def test_latents_of_another_vae_are_encoded_anew_never_trained_on(tmp_path, caps
     tm.main(["prepare", "--work", str(a), *small])
     again = torch.load(a / "latents.pt")
     assert again["made_from"] == lat_a["made_from"] and torch.equal(again["mean"], lat_a["mean"])
+
+
+def test_a_grown_vae_steps_trains_the_vae_on_but_never_under_a_trained_unet(tmp_path, capsys):
+    """--vae-steps grown on a rerun trains the folder's VAE on and encodes its latents anew
+    (never ignored); where a UNet already trained on the latents it is refused, and a UNet
+    checkpoint is resumed or exported only beside the VAE whose latents it trained on."""
+    work = tmp_path / "w"
+    small = ["--work", str(work), "--corpus-size", "12", "--vae-batch", "4", "--threads", "1"]
+    tm.main(["prepare", *small, "--vae-steps", "2"])
+    first = torch.load(work / "latents.pt")["made_from"]
+    capsys.readouterr()
+    tm.main(["prepare", *small, "--vae-steps", "3"])
+    out = capsys.readouterr().out
+    assert "has 2 steps: training it on to --vae-steps 3" in out and "encoding them anew" in out
+    assert torch.load(work / "vae_ckpt.pt")["step"] == 3
+    grown = torch.load(work / "latents.pt")["made_from"]
+    assert grown == tm.latents_record(work / "vae_ckpt.pt", work / "corpus") and grown != first
+    tm.main(["prepare", *small, "--vae-steps", "2"])
+    assert "has 3 steps, more than --vae-steps 2: kept as it is" in capsys.readouterr().out
+    assert torch.load(work / "vae_ckpt.pt")["step"] == 3
+    # a UNet trains on the latents: its checkpoint names them
+    tm.main(["train", *small, "--vae-steps", "3", "--steps", "1", "--batch", "4"])
+    assert torch.load(work / "unet_ckpt.pt")["latents"] == grown
+    with pytest.raises(SystemExit, match="trained on its latents: --vae-steps 4 would change them"):
+        tm.main(["train", *small, "--vae-steps", "4", "--steps", "2", "--batch", "4"])
+    assert torch.load(work / "vae_ckpt.pt")["step"] == 3
+    # the VAE changed under the UNet (one weight, one ulp): its latents are encoded anew, and
+    # the UNet is neither resumed on them nor exported beside that VAE
+    vae = torch.load(work / "vae_ckpt.pt")
+    k = next(iter(vae["model"]))
+    vae["model"][k].view(-1)[0] = torch.nextafter(vae["model"][k].view(-1)[0], torch.tensor(float("inf")))
+    torch.save(vae, work / "vae_ckpt.pt")
+    with pytest.raises(SystemExit, match="unet_ckpt.pt trained on latents of another VAE or corpus"):
+        tm.main(["train", *small, "--vae-steps", "3", "--steps", "2", "--batch", "4"])
+    assert "encoding them anew" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="trained on latents of another VAE or corpus"):
+        tm.main(["export", "--work", str(work), "--save-to", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+    # a checkpoint from before checkpoints named their latents resumes, and says so
+    ck = torch.load(work / "unet_ckpt.pt")
+    del ck["latents"]
+    torch.save(ck, work / "unet_ckpt.pt")
+    tm.main(["train", *small, "--vae-steps", "3", "--steps", "2", "--batch", "4"])
+    assert "does not record the latents it trained on" in capsys.readouterr().out
+    assert torch.load(work / "unet_ckpt.pt")["latents"] == torch.load(work / "latents.pt")["made_from"]
