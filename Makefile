@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 PARAMS ?= params/demo.yaml
 STAMP  := $(VENV)/.fgbg-installed
 
-.PHONY: setup demo test test-fast test-bf16 notebooks lessons teaching-model bench clean help
+.PHONY: setup demo test test-units test-nbval test-fast test-bf16 notebooks lessons teaching-model bench clean help
 
 help:
 	@sed -n '2,6p' Makefile
@@ -29,18 +29,26 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m fgbg.course run -f $(PARAMS)
 
-# The unit tests on TEST_WORKERS processes of one thread each (pytest-xdist): on 2 cores that is
-# 4.5 instead of 7 minutes. nbval then runs alone with torch's default threads, as the check
-# outputs were made (make notebooks).
-TEST_WORKERS ?= 2
+# The unit tests and nbval run side by side, one torch thread each (make -j2; each one's output
+# is printed when it ends): on 2 cores about 11 instead of 13.5 minutes. One thread also makes the
+# checked numbers independent of the machine's core count: `make notebooks` made them with one
+# thread (float order: with two, refined M reads e.g. 66.1 instead of 65.7).
+# TEST_WORKERS: pytest-xdist processes for the unit tests (more where there are more cores).
+TEST_WORKERS ?= 1
+NBVAL_ENV := OMP_NUM_THREADS=1 FGBG_PROGRESS=0 TQDM_DISABLE=1 FGBG_OUT_DIR=runs/nbval
 # nbval runs the notebooks with their parameters cells' defaults, writing to runs/nbval
 # (FGBG_OUT_DIR) so that it never reuses or touches runs/demo. FGBG_PROGRESS=0 (fgbg.runs.PROGRESS_ENV):
 # a batch run, so no progress widgets (nbval reads a cell's messages only after it ends and can
 # lose "idle" among thousands) and no image-browser widget (fgbg.viz.browse draws a static figure).
 test: setup
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-units test-nbval
+
+test-units: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+
+test-nbval: setup
 	rm -rf runs/nbval
-	FGBG_PROGRESS=0 TQDM_DISABLE=1 FGBG_OUT_DIR=runs/nbval $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout 900 \
+	$(NBVAL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout 900 \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/0*.ipynb
 
 test-fast: setup
@@ -54,9 +62,8 @@ test-bf16: setup
 # the solutions: notebooks/solutions/). This syncs each pair (the file edited last gives its cells to
 # the other), runs every notebook headless (runs/build/), keeps only the outputs of the check cells in
 # notebooks/ (nbval compares them) and writes the executed lessons to docs/lessons/*.ipynb (under
-# 500 KB each). About 10 minutes on a 2-core CPU. Run it as CI runs the notebooks: torch's default
-# threads on a 2-core machine, nothing else running; the checked Table 2 numbers depend on the
-# thread count (OMP_NUM_THREADS=1 gives e.g. 65.3 instead of 66.1 for refined M: float order).
+# 500 KB each). About 16 minutes on a 2-core CPU. It runs the notebooks with one torch thread, as
+# nbval does in `make test`: the checked numbers depend on the thread count (float order).
 notebooks: setup
 	$(BIN)/python tools/notebooks.py refresh
 
