@@ -30,7 +30,8 @@ demo: setup
 	$(BIN)/python -m fgbg.course run -f $(PARAMS)
 
 # The unit tests and nbval run side by side, one torch thread each (make -j2; each one's output
-# is printed when it ends): on 2 cores about 11 instead of 13.5 minutes. One thread also makes the
+# is printed when it ends): 14 min 0 s from a fresh clone on a 2-core CPU, where one after the
+# other took 14 min 26 s and 15 min 16 s the same day. One thread also makes the
 # checked numbers independent of the machine's core count: `make notebooks` made them with one
 # thread (float order: with two, refined M reads e.g. 66.1 instead of 65.7).
 # TEST_WORKERS: pytest-xdist processes for the unit tests (more where there are more cores).
