@@ -12,8 +12,10 @@ and text encoder, step 1 as for the model). Also bird-vs-other AUC per class of 
 object, and M_crop as step 4 makes it (``world_v2_baselines.crop_masks``).
 
 ``--cue-swap`` also scores bird vs fish on the same 48 pictures with typical and with swapped
-class cues (``fgbg.miniworld.cue_swap_pair``): what the model's "bird" means. ``--worlds ""``
-scores only that.
+class cues (``fgbg.miniworld.cue_swap_pair``): what the model's "bird" means, and, per picture,
+what training added to it (model minus untrained network). ``--worlds ""`` scores only that.
+The typical pictures are the same for every set of swapped cues: one folder of them serves
+all, and their maps are made once.
 
 Writes ``<out>/ab_eval.json`` and prints one line per world.
 """
@@ -42,40 +44,58 @@ def score_cue_swap(data_root: Path, out: Path, pipe, P: dict, n: int = 48, swap:
     """Bird-vs-fish AUC of the "bird" map on the same pictures with typical and with swapped
     class cues (``fgbg.miniworld.cue_swap_pair``; ``swap``: the cues swapped, default all),
     and the per-picture difference; with ``untrained``, the same for the untrained network
-    (the geometry's share of the difference: the objects' sizes and places change too)."""
+    (the geometry's share of the difference: the objects' sizes and places change too) and
+    what training added to the difference (model minus untrained, per picture).
+
+    The typical pictures are the same whatever ``swap`` is, so every ``swap`` scores them
+    from one folder, ``<data_root>/cue_swap/typical``, and their maps are made once per
+    network (``save_attention_maps`` keeps maps made with the same settings)."""
     import numpy as np
     from fgbg import course, miniworld
     from fgbg.attention import save_attention_maps
     from fgbg.data import load_dataset
     swap = tuple(swap or miniworld.CUES)
     name = "cue_swap" if set(swap) == set(miniworld.CUES) else "cue_swap-" + "+".join(swap)
-    base = data_root / name
-    records = [base / k / "miniworld.json" for k in miniworld.CUE_SWAP]
-    wanted = {"swap": list(swap), "n": n, "generator": miniworld.CUE_SWAP_VERSION}
-    if not all(f.is_file() and wanted.items() <= json.loads(f.read_text()).items()
-               for f in records):  # never score other pictures
-        miniworld.write_cue_swap_dataset(base, n=n, swap=swap)
+    folders = {"typical": ("cue_swap", miniworld.CUES), "swapped": (name, swap)}
+    for k, (sub, cues) in folders.items():
+        f = data_root / sub / k / "miniworld.json"
+        wanted = {"swap": list(cues), "n": n, "generator": miniworld.CUE_SWAP_VERSION}
+        if not (f.is_file() and wanted.items() <= json.loads(f.read_text()).items()):  # never score other pictures
+            miniworld.write_cue_swap_dataset(data_root / sub, n=n, swap=cues)
     nets = {"attention": pipe}
     if untrained:
         nets["attention_untrained"] = course.untrained_copy(pipe, seed=P["seed"])
-    res = {"swap": list(swap)}
+    res, per_net = {"swap": list(swap)}, {}
     for subdir, net in nets.items():
         per_image, r = {}, {}
-        for k in miniworld.CUE_SWAP:
-            ds = load_dataset(base / k, splits=["test"])
-            save_attention_maps(net, ds, out / name / k, subdir=subdir, **step1_kwargs(P))
-            per_image[k] = _per_image_separation(ds.items, out / name / k, subdir)
+        for k, (sub, _) in folders.items():
+            ds = load_dataset(data_root / sub / k, splits=["test"])
+            save_attention_maps(net, ds, out / sub / k, subdir=subdir, **step1_kwargs(P))
+            per_image[k] = _per_image_separation(ds.items, out / sub / k, subdir)
             r[k] = {"n": len(per_image[k]), "bird_vs_fish_auc": round(float(np.mean(list(per_image[k].values()))), 4)}
         keys = sorted(set(per_image["typical"]) & set(per_image["swapped"]))
-        d = np.array([per_image["swapped"][key] - per_image["typical"][key] for key in keys])
-        r["swapped_minus_typical"] = {"n": len(d), "mean": round(float(d.mean()), 4),
-                                      "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
-                                      "n_lower": int((d < 0).sum())}
+        per_image["swapped_minus_typical"] = {key: per_image["swapped"][key] - per_image["typical"][key] for key in keys}
+        r["swapped_minus_typical"] = paired_mean(list(per_image["swapped_minus_typical"].values()))
+        per_net[subdir] = per_image
         if subdir == "attention":
             res.update(r)
         else:
             res["untrained"] = r
+    if untrained:  # what training added (model minus untrained network, per picture), with its noise
+        a, u = per_net["attention"], per_net["attention_untrained"]
+        res["training_added"] = {k: paired_mean([a[k][key] - u[k][key] for key in sorted(set(a[k]) & set(u[k]))])
+                                 for k in (*miniworld.CUE_SWAP, "swapped_minus_typical")}
     return res
+
+
+
+def paired_mean(d: list[float]) -> dict:
+    """Mean of per-picture differences, its standard error and how many are below zero."""
+    import numpy as np
+    d = np.asarray(d, dtype=float)
+    return {"n": len(d), "mean": round(float(d.mean()), 4),
+            "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4) if len(d) > 1 else None,
+            "n_lower": int((d < 0).sum())}
 
 
 def _per_image_separation(items, run: Path, subdir: str = "attention") -> dict:
