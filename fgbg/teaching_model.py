@@ -234,11 +234,14 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
     vae = build_vae(cfg).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, ck = 0, out / "vae_ckpt.pt"
+    recipe = {"batch": batch, "lr": lr, "kl_weight": kl_weight, "crop": crop}
     if ck.exists():
         st = torch.load(ck, map_location=dev, weights_only=True)
         vae.load_state_dict(st["model"]); step = st["step"]
         if st.get("opt") is not None:  # None: a VAE taken from a pipeline (--init-from)
             opt.load_state_dict(st["opt"])
+            if step < steps:  # trained on: with the recipe it began with, else no record names the result
+                check_recipe(ck, st.get("recipe"), recipe, since={})
     rng = np.random.default_rng([cfg.seed, 10, step])
     it = _batches(len(imgs), batch, rng)
     log = open(out / "vae_log.jsonl", "a")
@@ -262,7 +265,7 @@ def train_vae(corpus: str | Path, out: str | Path, steps: int = 1500, batch: int
         if step % log_every == 0 or step == steps:
             log.write(json.dumps({"step": step, "loss": loss.item(), "kl": kl.item()}) + "\n"); log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe})
     bar.close()
     return vae
 
@@ -331,14 +334,16 @@ def sample_timesteps(n: int, gen: torch.Generator, device, p_high: float = 0.7) 
 RECIPE_SINCE = {"p_none": 0.0, "p_extra": 0.0, "p_absent": 0.0}
 
 
-def check_recipe(ckpt: Path, have: dict | None, want: dict) -> None:
-    """Refuse to resume a UNet checkpoint with another recipe (batch, learning rate, warm-up,
-    EMA, timestep and omission chances): the result would be a mix that no record names.
-    One ``SystemExit`` line names each setting that differs."""
+def check_recipe(ckpt: Path, have: dict | None, want: dict, since: dict = RECIPE_SINCE) -> None:
+    """Refuse to resume a checkpoint with another recipe (for the UNet: batch, learning rate,
+    warm-up, EMA, timestep and omission chances; for the VAE: batch, learning rate, KL weight,
+    crop): the result would be a mix that no record names. One ``SystemExit`` line names each
+    setting that differs. ``since``: settings added after checkpoints began to record their
+    recipe, with the value that older checkpoints trained with."""
     if have is None:
         raise SystemExit(f"{ckpt} does not record its training recipe (written by an older fgbg); "
                          f"resume it with that version, or train in a new --work folder")
-    have = {**RECIPE_SINCE, **have}
+    have = {**since, **have}
     if have != want:
         raise SystemExit(f"{ckpt} was trained with another recipe ({describe_diff(have, want)}); "
                          f"rerun with its settings, or train in a new --work folder")

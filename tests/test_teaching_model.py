@@ -295,6 +295,10 @@ def test_a_grown_vae_steps_trains_the_vae_on_but_never_under_a_trained_unet(tmp_
     tm.main(["prepare", *small, "--vae-steps", "2"])
     assert "has 3 steps, more than --vae-steps 2: kept as it is" in capsys.readouterr().out
     assert torch.load(work / "vae_ckpt.pt")["step"] == 3
+    # trained on with another recipe: refused, not mixed
+    with pytest.raises(SystemExit, match=r"vae_ckpt.pt was trained with another recipe \(batch: 4 then, 8 now\)"):
+        tm.main(["prepare", *small, "--vae-steps", "4", "--vae-batch", "8"])
+    assert torch.load(work / "vae_ckpt.pt")["step"] == 3
     # a UNet trains on the latents: its checkpoint names them
     tm.main(["train", *small, "--vae-steps", "3", "--steps", "1", "--batch", "4"])
     assert torch.load(work / "unet_ckpt.pt")["latents"] == grown
