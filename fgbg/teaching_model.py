@@ -296,10 +296,12 @@ def stale_latents(lat: dict, vae_ckpt: Path, corpus: Path) -> str | None:
 
 @torch.no_grad()
 def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, device: str | None = None,
-                  made_from: dict | None = None) -> float:
+                  made_from: dict | None = None, scaling_factor: float | None = None) -> float:
     """Encode every corpus image once (posterior mean and std) and return the scaling
-    factor that gives the latents unit variance, as SD's 0.18215 does for its VAE.
-    ``made_from`` (a :func:`latents_record`) is stored beside them."""
+    factor that gives the latents unit variance, as SD's 0.18215 does for its VAE, or
+    ``scaling_factor`` where one is given (a saved pipeline's VAE: the factor its UNet was
+    trained with). ``made_from`` (a :func:`latents_record`) is stored beside them, in the
+    same single write."""
     from .miniworld import load_corpus
     dev, _ = _device_and_dtype(device)
     imgs, _ = load_corpus(corpus)
@@ -311,7 +313,7 @@ def encode_corpus(vae, corpus: str | Path, out: str | Path, batch: int = 256, de
             d = vae.encode(x.flip(-1) if flip else x).latent_dist
             means.append(d.mean.half().cpu()); stds.append(d.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)  # item k and k + n are one scene
-    scale = float(1.0 / mean.float().std())
+    scale = float(1.0 / mean.float().std()) if scaling_factor is None else float(scaling_factor)
     _save_ckpt(Path(out) / "latents.pt", {"mean": mean, "std": std, "scaling_factor": scale, "made_from": made_from})
     return scale
 
@@ -603,14 +605,11 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
             (work / "latents.pt").unlink()
     if not (work / "latents.pt").exists():
         vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
-        print("latent scaling factor", encode_corpus(vae, work / "corpus", work, device=device,
-                                                     made_from=latents_record(work / "vae_ckpt.pt", work / "corpus")))
+        # a pipeline's VAE keeps the factor its UNet was trained with
         fixed = torch.load(work / "vae_ckpt.pt", weights_only=True).get("scaling_factor")
-        if fixed is not None:  # a pipeline's VAE: keep the factor its UNet was trained with
-            lat = torch.load(work / "latents.pt", weights_only=True)
-            lat["scaling_factor"] = fixed
-            _save_ckpt(work / "latents.pt", lat)
-            print("kept the pipeline's scaling factor", fixed)
+        scale = encode_corpus(vae, work / "corpus", work, device=device, scaling_factor=fixed,
+                              made_from=latents_record(work / "vae_ckpt.pt", work / "corpus"))
+        print("kept the pipeline's scaling factor" if fixed is not None else "latent scaling factor", scale)
 
 
 def main(argv=None):
