@@ -88,7 +88,6 @@ def score_cue_swap(data_root: Path, out: Path, pipe, P: dict, n: int = 48, swap:
     return res
 
 
-
 def paired_mean(d: list[float]) -> dict:
     """Mean of per-picture differences, its standard error and how many are below zero."""
     import numpy as np
