@@ -52,8 +52,9 @@ test-nbval: setup
 	$(NBVAL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout 900 \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/0*.ipynb
 
+# Alone on the machine: one one-thread worker per core.
 test-fast: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto -m "not slow" tests
 
 # The CUB-params notebooks with the pipeline in bf16 on the CPU (minutes; not in `make test`).
 test-bf16: setup
