@@ -585,7 +585,7 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                 (work / "tokenizer" / f).write_bytes((CLIP_TOKENIZER_DIR / f).read_bytes())
         else:
             tokenizer_files_from_open_clip(work / "tokenizer")
-    ck = work / "vae_ckpt.pt"
+    ck, vae = work / "vae_ckpt.pt", None
     if ck.exists() and not any((work / m).exists() for m in ("init_from.json", "vae_from.json")):
         done = torch.load(ck, map_location="cpu", weights_only=True)["step"]
         if done < vae_steps:
@@ -594,7 +594,7 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
                                  f"--vae-steps {vae_steps} would change them under it; keep --vae-steps {done}, "
                                  f"or train in a new --work folder")
             print(f"{ck} has {done} steps: training it on to --vae-steps {vae_steps} (its latents are then encoded anew)")
-            train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
+            vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
         elif done > vae_steps:
             print(f"{ck} has {done} steps, more than --vae-steps {vae_steps}: kept as it is")
     if (work / "latents.pt").exists():
@@ -604,7 +604,8 @@ def prepare(work: Path, cfg: TeachingConfig, corpus_size: int, vae_steps: int, d
             print(f"{work / 'latents.pt'}: {why}; encoding them anew")
             (work / "latents.pt").unlink()
     if not (work / "latents.pt").exists():
-        vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
+        if vae is None:  # not just trained on above
+            vae = train_vae(work / "corpus", work, vae_steps, vae_batch, cfg=cfg, device=device)
         # a pipeline's VAE keeps the factor its UNet was trained with
         fixed = torch.load(work / "vae_ckpt.pt", weights_only=True).get("scaling_factor")
         scale = encode_corpus(vae, work / "corpus", work, device=device, scaling_factor=fixed,
